@@ -1,0 +1,77 @@
+"""Per-token log-probs, forward + backward with a random upstream gradient, side by side:
+
+    sami-<backend>  sami_kernels.linear_logprobs on each backend usable here (cpu, torch; triton on a GPU)
+    naive           materialised logits -> log_softmax -> gather (what the reference SAMI code does, minus copies)
+    torch-lce       torch.nn.functional.linear_cross_entropy(reduction="none", options=LinearCrossEntropyOptions())
+
+Modes: trainable weight (useful work counted as 8THV: forward 2THV + recompute, dH, dW 2THV each) and
+frozen weight (4THV: forward + dH). Shapes: SmolLM2-135M's head, H=576, V=49152.
+Run: python benchmarks/bench_logprobs.py [--filter bf16] [--providers naive,sami-cpu] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import runner  # noqa: E402
+
+H, V = 576, 49152
+
+
+def _cases():
+    cases = []
+    for T in (1024, 4096):
+        for dtype in ("float32", "bfloat16"):
+            for mode, factor in (("trainable", 8), ("frozen", 4)):
+                cases.append({"op": "linear_logprobs", "mode": mode, "shape": f"T{T}xH{H}xV{V}", "dtype": dtype,
+                              "T": T, "flops": factor * T * H * V, "mm_shape": [T, H, V]})
+    return cases
+
+
+def _providers():
+    from sami_kernels import backends
+
+    return [f"sami-{name}" for name in backends.usable("cpu") if name != "triton"] + ["naive", "torch-lce"]
+
+
+def build(provider: str, case: dict):
+    import torch
+    import torch.nn.functional as F
+
+    import sami_kernels as sk
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, case["dtype"])
+    T = case["T"]
+    hidden = torch.randn(T, H, dtype=dtype).requires_grad_()
+    weight = (torch.randn(V, H, dtype=dtype) * H**-0.5).requires_grad_(case["mode"] == "trainable")
+    targets = torch.randint(0, V, (T,))
+    upstream = torch.randn(T, dtype=torch.float32)
+
+    if provider.startswith("sami-"):
+        backend = provider.removeprefix("sami-")
+        logprobs = lambda: sk.linear_logprobs(hidden, weight, targets, backend=backend)  # noqa: E731
+    elif provider == "naive":
+        def logprobs():
+            logits = (hidden @ weight.T).float()
+            return torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
+    elif provider == "torch-lce":
+        options = torch.nn.LinearCrossEntropyOptions()
+        logprobs = lambda: -F.linear_cross_entropy(hidden, weight, targets, reduction="none",  # noqa: E731
+                                                   options=options).float()
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+
+    params = [p for p in (hidden, weight) if p.requires_grad]
+
+    def step():
+        grads = torch.autograd.grad(logprobs(), params, upstream)
+        return grads
+
+    return step
+
+
+if __name__ == "__main__":
+    runner.main(__file__, _providers(), _cases(), build)

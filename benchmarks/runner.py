@@ -1,0 +1,165 @@
+"""Shared benchmark runner: each (provider, case) runs in a fresh process, so peak memory is its own; results
+print as one table and append to a CSV with the machine, versions and date.
+
+A benchmark script defines `CASES` (list of dicts with at least op, mode, shape, dtype and the useful FLOPs
+`flops`) and `build(provider, case) -> callable`; then `main(__file__, PROVIDERS, CASES, build)`.
+Every case is also timed for torch.mm at the same shapes in the same run, and each provider's useful GFLOP/s
+is reported as a fraction of that matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+FIELDS = ["op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_extra_mb",
+          "gflops", "frac_of_mm", "machine", "version", "date", "command"]
+DEFAULT_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "results.csv")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _nbytes(result) -> int:
+    import torch
+
+    if isinstance(result, torch.Tensor):
+        return result.numel() * result.element_size()
+    if isinstance(result, (tuple, list)):
+        return sum(_nbytes(r) for r in result)
+    return 0
+
+
+def measure(fn, *, device: str = "cpu", reps: int = 5, warmup: int = 1) -> dict:
+    """Times fn() (ms quantiles) and the extra peak memory of its first call (MiB): the high-water mark above
+    what existed before the call, less the tensors it returns (gradients every provider must produce)."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out_mb = _nbytes(fn()) / 2**20
+        sync()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 - out_mb
+    else:  # the process's high-water mark: valid because each case runs in a fresh process
+        base = _rss_mb()
+        out_mb = _nbytes(fn()) / 2**20
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base - out_mb
+    for _ in range(max(0, warmup - 1)):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
+    return {"median_ms": 1e3 * statistics.median(times), "p20_ms": 1e3 * q[0], "p80_ms": 1e3 * q[3],
+            "peak_extra_mb": max(0.0, peak)}
+
+
+def matmul_gflops(m: int, k: int, n: int, dtype: str, device: str = "cpu", reps: int = 5) -> float:
+    """Same-run torch.mm rate for [m, k] @ [k, n]: the yardstick every provider is divided by."""
+    import torch
+
+    a = torch.randn(m, k, dtype=getattr(torch, dtype), device=device)
+    b = torch.randn(n, k, dtype=getattr(torch, dtype), device=device)
+    result = measure(lambda: a @ b.T, device=device, reps=reps, warmup=3)
+    return 2 * m * k * n / (result["median_ms"] / 1e3) / 1e9
+
+
+def _worker(build, provider: str, case: dict, reps: int) -> dict:
+    fn = build(provider, case)
+    return measure(fn, device=case.get("device", "cpu"), reps=reps)
+
+
+def _spawn(script: str, provider: str, case: dict, reps: int) -> dict:
+    cmd = [sys.executable, script, "--worker", provider, json.dumps(case), "--reps", str(reps)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        import torch
+
+        return f"sami-kernels {version('sami-kernels')}, torch {torch.__version__}"
+    except Exception:  # noqa: BLE001 - a report still prints without package metadata
+        return "unknown"
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_extra_mb",
+            "gflops", "frac_of_mm"]
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    table = [cols] + [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    for line in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
+
+
+def append_csv(rows: list[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(script: str, providers: list[str], cases: list[dict], build) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", nargs=2, metavar=("PROVIDER", "CASE_JSON"), help=argparse.SUPPRESS)
+    parser.add_argument("--providers", default=",".join(providers), help="comma-separated subset")
+    parser.add_argument("--filter", default="", help="run only cases whose shape/mode/dtype contains this text")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--csv", default=DEFAULT_CSV)
+    args = parser.parse_args()
+    if args.worker:
+        provider, case = args.worker[0], json.loads(args.worker[1])
+        print(json.dumps(_worker(build, provider, case, args.reps)))
+        return
+
+    command = " ".join(["python", os.path.relpath(script)] + sys.argv[1:])
+    stamp = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus", "version": _version(),
+             "date": datetime.date.today().isoformat(), "command": command}
+    rows = []
+    for case in cases:
+        label = f"{case['mode']} {case['shape']} {case['dtype']}"
+        if args.filter and args.filter not in label:
+            continue
+        mm = matmul_gflops(*case["mm_shape"], case["dtype"], case.get("device", "cpu"), reps=args.reps)
+        rows.append({"op": "torch.mm", "provider": "torch.mm", "mode": "-", "shape": "x".join(map(str, case["mm_shape"])),
+                     "dtype": case["dtype"], "gflops": mm, "frac_of_mm": 1.0, **stamp})
+        for provider in args.providers.split(","):
+            result = _spawn(script, provider, case, args.reps)
+            row = {"op": case["op"], "provider": provider, "mode": case["mode"], "shape": case["shape"],
+                   "dtype": case["dtype"], **stamp}
+            if "error" in result:
+                row["median_ms"] = f"error: {result['error'][:60]}"
+            else:
+                gflops = case["flops"] / (result["median_ms"] / 1e3) / 1e9
+                row.update(result, gflops=gflops, frac_of_mm=gflops / mm)
+            rows.append(row)
+            print(f"  {provider:<14} {label}: {row.get('median_ms')}", file=sys.stderr, flush=True)
+    print_table(rows)
+    append_csv(rows, args.csv)
+    print(f"\nappended {len(rows)} rows to {os.path.relpath(args.csv)}")

@@ -1,0 +1,142 @@
+"""Per-sequence log-probs and the whole SAMI loss: hidden states of response tokens -> [B, N, N] -> InfoNCE.
+
+    seq[s] = sum (or mean) of logp[t] over tokens t with seq_ids[t] == s and targets[t] != ignore_index
+    SAMI:  s = (b * N + i) * N + j  for query b, constitution i (row), response j (column);  M = seq.view(B, N, N)
+
+The segment sum is deterministic on every device (stable sort + float64 prefix sums, no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .infonce import infonce_loss
+from .linear_logprobs import linear_logprobs
+
+SEQ_REDUCTIONS = ("mean", "sum")
+
+
+def _seq_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor [S + 1], got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != num_tokens or bool((lengths < 0).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to the number of tokens {num_tokens}, got {cu_seqlens.tolist()}")
+    ids = torch.arange(lengths.numel(), device=cu_seqlens.device)
+    return torch.repeat_interleave(ids, lengths.to(torch.int64))
+
+
+def segment_sums(values: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums [num_seqs] in values' dtype, counts [num_seqs]) of values [T] grouped by seq_ids [T] (all >= 0)."""
+    order = torch.argsort(seq_ids, stable=True)
+    counts = torch.bincount(seq_ids, minlength=num_seqs)
+    prefix = torch.cat([values.new_zeros(1, dtype=torch.float64), values[order].to(torch.float64).cumsum(0)])
+    ends = counts.cumsum(0)
+    return (prefix[ends] - prefix[ends - counts]).to(values.dtype), counts
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    seq_ids: torch.Tensor | None = None,
+    num_seqs: int | None = None,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    reduction: str = "mean",
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    chunk_bytes: int | None = None,
+) -> torch.Tensor:
+    """Sum or mean of per-token log p(target) for each sequence -> float32 [num_seqs] (float64 for float64 inputs).
+
+    hidden [T, H], weight [V, H], targets [T]; tokens are grouped either by seq_ids [T] with values in
+    [0, num_seqs) or -1 (skipped, never computed), or by cu_seqlens [S + 1] (packed sequences, S = num_seqs).
+    Tokens whose target is ignore_index are not counted. reduction "mean" is SAMI's length normalisation.
+    """
+    if reduction not in SEQ_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {SEQ_REDUCTIONS}, got {reduction!r}")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+        raise ValueError(f"hidden must be a [T, H] tensor, got shape {getattr(hidden, 'shape', None)}")
+    if (seq_ids is None) == (cu_seqlens is None):
+        raise ValueError("pass exactly one of seq_ids (with num_seqs) or cu_seqlens")
+    if cu_seqlens is not None:
+        seq_ids = _seq_ids_from_cu_seqlens(cu_seqlens.to(hidden.device), hidden.shape[0])
+        num_seqs = cu_seqlens.numel() - 1
+    if not isinstance(num_seqs, int) or num_seqs < 1:
+        raise ValueError(f"num_seqs must be a positive int, got {num_seqs!r}")
+    if not isinstance(seq_ids, torch.Tensor) or seq_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"seq_ids must be an int64 or int32 tensor, got {getattr(seq_ids, 'dtype', type(seq_ids))}")
+    if seq_ids.shape != targets.shape or targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"seq_ids {tuple(seq_ids.shape)} and targets {tuple(getattr(targets, 'shape', ()))} must "
+                         f"both have shape [T={hidden.shape[0]}]")
+    seq_ids = seq_ids.to(device=hidden.device, dtype=torch.int64)
+    out_of_range = (seq_ids < -1) | (seq_ids >= num_seqs)
+    if bool(out_of_range.any()):
+        t = int(out_of_range.nonzero()[0, 0])
+        raise ValueError(f"seq_ids[{t}] = {int(seq_ids[t])} is outside [0, num_seqs={num_seqs}) and is not -1")
+
+    scored = (seq_ids >= 0) & (targets != ignore_index)
+    if not bool(scored.all()):  # never compute logits for tokens nobody asked about
+        idx = scored.nonzero()[:, 0]
+        hidden, targets, seq_ids = hidden.index_select(0, idx), targets[idx], seq_ids[idx]
+    logp = linear_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
+                           temperature=temperature, backend=backend, chunk_bytes=chunk_bytes)
+    sums, counts = segment_sums(logp, seq_ids, num_seqs)
+    if reduction == "sum":
+        return sums
+    if bool((counts == 0).any()):
+        s = int((counts == 0).nonzero()[0, 0])
+        raise ValueError(f"sequence {s} has no scored token (reduction='mean' needs at least one)")
+    return sums / counts.to(sums.dtype)
+
+
+def sami_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    seq_ids: torch.Tensor,
+    *,
+    num_queries: int,
+    num_constitutions: int,
+    direction: str = "both",
+    reduction: str = "mean",
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    chunk_bytes: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, M): SAMI's InfoNCE over M [B, N, N] = mean log p(response_j | constitution_i, query_b).
+
+    hidden [T, H] are the final hidden states that predict the response tokens targets [T];
+    seq_ids[t] = (b * N + i) * N + j names the (query, constitution, response) triple of token t, or -1.
+    """
+    B, N = num_queries, num_constitutions
+    if not isinstance(B, int) or B < 1:
+        raise ValueError(f"num_queries must be a positive int, got {B!r}")
+    if not isinstance(N, int) or N < 2:
+        raise ValueError(f"num_constitutions must be an int >= 2 (InfoNCE contrasts N >= 2), got {N!r}")
+    seq = sequence_logprobs(hidden, weight, targets, seq_ids, B * N * N, reduction="mean", bias=bias,
+                            ignore_index=ignore_index, temperature=temperature, backend=backend,
+                            chunk_bytes=chunk_bytes)
+    M = seq.view(B, N, N)
+    return infonce_loss(M, direction=direction, reduction=reduction, backend=backend), M
+
+
+class SAMILoss(torch.nn.Module):
+    """Module form of sami_loss: forward(hidden, weight, targets, seq_ids, num_queries, bias=None) -> (loss, M)."""
+
+    def __init__(self, num_constitutions: int, *, direction: str = "both", ignore_index: int = -100,
+                 temperature: float = 1.0, backend: str = "auto"):
+        super().__init__()
+        self.num_constitutions, self.direction = num_constitutions, direction
+        self.ignore_index, self.temperature, self.backend = ignore_index, temperature, backend
+
+    def forward(self, hidden, weight, targets, seq_ids, num_queries, bias=None):
+        return sami_loss(hidden, weight, targets, seq_ids, num_queries=num_queries,
+                         num_constitutions=self.num_constitutions, direction=self.direction, bias=bias,
+                         ignore_index=self.ignore_index, temperature=self.temperature, backend=self.backend)

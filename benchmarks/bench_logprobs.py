@@ -25,8 +25,17 @@ def _cases():
     for T in (1024, 4096):
         for dtype in ("float32", "bfloat16"):
             for mode, factor in (("trainable", 8), ("frozen", 4)):
-                cases.append({"op": "linear_logprobs", "mode": mode, "shape": f"T{T}xH{H}xV{V}", "dtype": dtype,
-                              "T": T, "flops": factor * T * H * V, "mm_shape": [T, H, V]})
+                cases.append(
+                    {
+                        "op": "linear_logprobs",
+                        "mode": mode,
+                        "shape": f"T{T}xH{H}xV{V}",
+                        "dtype": dtype,
+                        "T": T,
+                        "flops": factor * T * H * V,
+                        "mm_shape": [T, H, V],
+                    }
+                )
     return cases
 
 
@@ -54,13 +63,21 @@ def build(provider: str, case: dict):
         backend = provider.removeprefix("sami-")
         logprobs = lambda: sk.linear_logprobs(hidden, weight, targets, backend=backend)  # noqa: E731
     elif provider == "naive":
+
         def logprobs():
             logits = (hidden @ weight.T).float()
             return torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
     elif provider == "torch-lce":
         options = torch.nn.LinearCrossEntropyOptions()
-        logprobs = lambda: -F.linear_cross_entropy(hidden, weight, targets, reduction="none",  # noqa: E731
-                                                   options=options).float()
+        logprobs = lambda: (
+            -F.linear_cross_entropy(
+                hidden,
+                weight,
+                targets,
+                reduction="none",  # noqa: E731
+                options=options,
+            ).float()
+        )
     else:
         raise ValueError(f"unknown provider {provider!r}")
 

@@ -21,8 +21,23 @@ import subprocess
 import sys
 import time
 
-FIELDS = ["op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_extra_mb",
-          "gflops", "frac_of_mm", "machine", "version", "date", "command"]
+FIELDS = [
+    "op",
+    "provider",
+    "mode",
+    "shape",
+    "dtype",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "peak_extra_mb",
+    "gflops",
+    "frac_of_mm",
+    "machine",
+    "version",
+    "date",
+    "command",
+]
 DEFAULT_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "results.csv")
 
 
@@ -67,8 +82,12 @@ def measure(fn, *, device: str = "cpu", reps: int = 5, warmup: int = 1) -> dict:
         sync()
         times.append(time.perf_counter() - t)
     q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
-    return {"median_ms": 1e3 * statistics.median(times), "p20_ms": 1e3 * q[0], "p80_ms": 1e3 * q[3],
-            "peak_extra_mb": max(0.0, peak)}
+    return {
+        "median_ms": 1e3 * statistics.median(times),
+        "p20_ms": 1e3 * q[0],
+        "p80_ms": 1e3 * q[3],
+        "peak_extra_mb": max(0.0, peak),
+    }
 
 
 def matmul_gflops(m: int, k: int, n: int, dtype: str, device: str = "cpu", reps: int = 5) -> float:
@@ -106,13 +125,24 @@ def _version() -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_extra_mb",
-            "gflops", "frac_of_mm"]
+    cols = [
+        "op",
+        "provider",
+        "mode",
+        "shape",
+        "dtype",
+        "median_ms",
+        "p20_ms",
+        "p80_ms",
+        "peak_extra_mb",
+        "gflops",
+        "frac_of_mm",
+    ]
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
     table = [cols] + [[fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     for line in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
 
 
 def append_csv(rows: list[dict], path: str) -> None:
@@ -139,20 +169,40 @@ def main(script: str, providers: list[str], cases: list[dict], build) -> None:
         return
 
     command = " ".join(["python", os.path.relpath(script)] + sys.argv[1:])
-    stamp = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus", "version": _version(),
-             "date": datetime.date.today().isoformat(), "command": command}
+    stamp = {
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
+        "version": _version(),
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+    }
     rows = []
     for case in cases:
         label = f"{case['mode']} {case['shape']} {case['dtype']}"
         if args.filter and args.filter not in label:
             continue
         mm = matmul_gflops(*case["mm_shape"], case["dtype"], case.get("device", "cpu"), reps=args.reps)
-        rows.append({"op": "torch.mm", "provider": "torch.mm", "mode": "-", "shape": "x".join(map(str, case["mm_shape"])),
-                     "dtype": case["dtype"], "gflops": mm, "frac_of_mm": 1.0, **stamp})
+        rows.append(
+            {
+                "op": "torch.mm",
+                "provider": "torch.mm",
+                "mode": "-",
+                "shape": "x".join(map(str, case["mm_shape"])),
+                "dtype": case["dtype"],
+                "gflops": mm,
+                "frac_of_mm": 1.0,
+                **stamp,
+            }
+        )
         for provider in args.providers.split(","):
             result = _spawn(script, provider, case, args.reps)
-            row = {"op": case["op"], "provider": provider, "mode": case["mode"], "shape": case["shape"],
-                   "dtype": case["dtype"], **stamp}
+            row = {
+                "op": case["op"],
+                "provider": provider,
+                "mode": case["mode"],
+                "shape": case["shape"],
+                "dtype": case["dtype"],
+                **stamp,
+            }
             if "error" in result:
                 row["median_ms"] = f"error: {result['error'][:60]}"
             else:

@@ -92,7 +92,5 @@ def resolve(device: torch.device | str, backend: str = "auto") -> str:
         source = "backend" if backend != "auto" else ENV_VAR
         raise ValueError(f"{source} must be 'auto' or one of {BACKENDS}, got {requested!r}")
     if requested not in here:
-        raise ValueError(
-            f"backend {requested!r} cannot run on {device_type} tensors here: {probe()[requested].detail}"
-        )
+        raise ValueError(f"backend {requested!r} cannot run on {device_type} tensors here: {probe()[requested].detail}")
     return requested

@@ -62,7 +62,7 @@ def response_states(model, sequences, response_lengths, pad_id):
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
     states = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
     hidden, targets, seq_ids = [], [], []
-    for s, (seq, n) in enumerate(zip(sequences, response_lengths)):
+    for s, (seq, n) in enumerate(zip(sequences, response_lengths, strict=True)):
         start = len(seq) - n  # first response position; the state before it predicts it
         hidden.append(states[s, start - 1 : len(seq) - 1])
         targets.append(ids[s, start : len(seq)])
@@ -74,8 +74,10 @@ def main() -> None:
     t0 = time.perf_counter()
     model, tokenizer = load_smollm2()
     model.eval()
-    print(f"loaded SmolLM2-135M-Instruct in {time.perf_counter() - t0:.1f} s; "
-          f"kernel backend on cpu: {backends.resolve('cpu')}")
+    print(
+        f"loaded SmolLM2-135M-Instruct in {time.perf_counter() - t0:.1f} s; "
+        f"kernel backend on cpu: {backends.resolve('cpu')}"
+    )
     B, N = len(QUERIES), len(CONSTITUTIONS)
     sequences, lengths = build_pairs(tokenizer, QUERIES, CONSTITUTIONS, RESPONSES)
     with torch.no_grad():
@@ -85,7 +87,9 @@ def main() -> None:
         print(f"\nquery {b}: {query}")
         print("  M[i, j] = mean log p(response_j | constitution_i)   (rows: constitutions, cols: responses)")
         for i in range(N):
-            print("  c%d  " % i + "  ".join(f"{v:8.4f}" for v in M[b, i].tolist()))
+            print(f"  c{i}  " + "  ".join(f"{v:8.4f}" for v in M[b, i].tolist()))
     mi = mutual_information_lower_bound(loss, N)
-    print(f"\nSAMI loss (two-sided InfoNCE, mean over {B} queries): {loss.item():.4f}"
-          f"   MI lower bound log N - L = {mi.item():.4f} nats   ({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"\nSAMI loss (two-sided InfoNCE, mean over {B} queries): {loss.item():.4f}"
+        f"   MI lower bound log N - L = {mi.item():.4f} nats   ({time.perf_counter() - t0:.1f} s)"
+    )

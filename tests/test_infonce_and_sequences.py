@@ -19,8 +19,7 @@ def test_published_sami_vector(backend):
     loss = sk.infonce_loss(M, backend=backend)
     loss.backward()
     assert loss.item() == pytest.approx(0.474664, abs=1e-6)
-    torch.testing.assert_close(M.grad, torch.tensor([[-0.194713, 0.182971], [0.194713, -0.182971]]),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(M.grad, torch.tensor([[-0.194713, 0.182971], [0.194713, -0.182971]]), atol=1e-6, rtol=0)
     uniform = sk.infonce_loss(torch.full((4, 4), -1.7), backend=backend)
     assert uniform.item() == pytest.approx(math.log(4), abs=1e-6)
 
@@ -101,7 +100,9 @@ def test_sequence_logprobs_matches_reference(backend, reduction):
     ref = reference.sequence_logprobs(h64, w64, y, ids, 18, reduction=reduction)
     assert_close_to_ref(ours, ref, ref.float(), dtype=torch.float32, name="seq", rtol=1e-6)
     up = random_upstream(ref)
-    for a, r in zip(torch.autograd.grad(ours, (h, w), up.float()), torch.autograd.grad(ref, (h64, w64), up)):
+    for a, r in zip(
+        torch.autograd.grad(ours, (h, w), up.float()), torch.autograd.grad(ref, (h64, w64), up), strict=True
+    ):
         assert_close_to_ref(a, r, r.float(), dtype=torch.float32, name="grad", rtol=1e-5)
 
 
@@ -110,8 +111,7 @@ def test_cu_seqlens_equals_seq_ids():
     y = torch.randint(0, 15, (10,))
     cu = torch.tensor([0, 3, 3 + 4, 10])
     ids = torch.tensor([0] * 3 + [1] * 4 + [2] * 3)
-    torch.testing.assert_close(sk.sequence_logprobs(h, w, y, cu_seqlens=cu),
-                               sk.sequence_logprobs(h, w, y, ids, 3))
+    torch.testing.assert_close(sk.sequence_logprobs(h, w, y, cu_seqlens=cu), sk.sequence_logprobs(h, w, y, ids, 3))
 
 
 def test_sequence_bad_input():
@@ -142,7 +142,7 @@ def test_sami_loss_end_to_end(backend, direction):
     assert M.shape == (B, N, N)
     assert_close_to_ref(M, M_ref, M_ref.float(), dtype=torch.float32, name="M", rtol=1e-6)
     assert loss.item() == pytest.approx(loss_ref.item(), abs=1e-5)
-    for a, r in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(loss_ref, (h64, w64))):
+    for a, r in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(loss_ref, (h64, w64)), strict=True):
         assert_close_to_ref(a, r, r.float(), dtype=torch.float32, name="grad", rtol=1e-5)
     module_loss, _ = sk.SAMILoss(N, direction=direction, backend=backend)(h, w, y, ids, B)
     assert module_loss.item() == pytest.approx(loss.item(), abs=1e-7)

@@ -32,11 +32,19 @@ def check_against_reference(backend, T, H, V, dtype, *, bias, temperature, froze
     (h64, w64, b64, y), (h, w, b, _) = make_inputs(T, H, V, dtype, bias=bias)
     ours_in = [t.clone().requires_grad_(not (frozen and t is not h)) if t is not None else None for t in (h, w, b)]
     same_in = [t.clone().requires_grad_(not (frozen and t is not h)) if t is not None else None for t in (h, w, b)]
-    ref_in = [t.clone().requires_grad_(not (frozen and t is not h64)) if t is not None else None
-              for t in (h64, w64, b64)]
+    ref_in = [
+        t.clone().requires_grad_(not (frozen and t is not h64)) if t is not None else None for t in (h64, w64, b64)
+    ]
 
-    ours = sk.linear_logprobs(ours_in[0], ours_in[1], y, bias=ours_in[2], temperature=temperature,
-                              backend=backend, chunk_bytes=chunk_bytes)
+    ours = sk.linear_logprobs(
+        ours_in[0],
+        ours_in[1],
+        y,
+        bias=ours_in[2],
+        temperature=temperature,
+        backend=backend,
+        chunk_bytes=chunk_bytes,
+    )
     same = reference.linear_logprobs(same_in[0], same_in[1], y, bias=same_in[2], temperature=temperature)
     ref = reference.linear_logprobs(ref_in[0], ref_in[1], y, bias=ref_in[2], temperature=temperature)
     assert ours.dtype == torch.float32 and ours.shape == (T,)
@@ -48,24 +56,42 @@ def check_against_reference(backend, T, H, V, dtype, *, bias, temperature, froze
     g_ours = torch.autograd.grad(ours, wrt(ours_in), upstream.float())
     g_same = torch.autograd.grad(same, wrt(same_in), upstream.to(same.dtype))
     g_ref = torch.autograd.grad(ref, wrt(ref_in), upstream)
-    names = [n for n, t in zip(("d_hidden", "d_weight", "d_bias"), ours_in) if t is not None and t.requires_grad]
-    for name, a, s, r in zip(names, g_ours, g_same, g_ref):
+    names = [
+        n for n, t in zip(("d_hidden", "d_weight", "d_bias"), ours_in, strict=True) if t is not None and t.requires_grad
+    ]
+    for name, a, s, r in zip(names, g_ours, g_same, g_ref, strict=True):
         assert a.dtype == dtype, f"{name} dtype {a.dtype}"
         # gradients sum over many terms: allow a relative slack on top of torch's own error
         assert_close_to_ref(a, r, s, dtype=dtype, name=name, rtol=1e-5 if dtype == torch.float32 else 2e-2)
 
 
-GRID = list(itertools.product(
-    [(1, 5, 3), (37, 33, 131), (300, 64, 1000)],  # (T, H, V): odd, none a multiple of a block size
-    DTYPES, [False, True], [1.0, 0.7], [False, True]))
+GRID = list(
+    itertools.product(
+        [(1, 5, 3), (37, 33, 131), (300, 64, 1000)],  # (T, H, V): odd, none a multiple of a block size
+        DTYPES,
+        [False, True],
+        [1.0, 0.7],
+        [False, True],
+    )
+)
 
 
 @pytest.mark.parametrize("backend", CHUNKED)
-@pytest.mark.parametrize("shape,dtype,bias,temperature,frozen", GRID,
-                         ids=[f"{s}-{str(d)[6:]}-bias{b}-t{t}-frozen{f}" for s, d, b, t, f in GRID])
+@pytest.mark.parametrize(
+    "shape,dtype,bias,temperature,frozen",
+    GRID,
+    ids=[f"{s}-{str(d)[6:]}-bias{b}-t{t}-frozen{f}" for s, d, b, t, f in GRID],
+)
 def test_matches_reference(backend, shape, dtype, bias, temperature, frozen):
-    check_against_reference(backend, *shape, dtype, bias=bias, temperature=temperature, frozen=frozen,
-                            chunk_bytes=4 * shape[2] * 7)  # 7-row chunks: several chunks and a ragged tail
+    check_against_reference(
+        backend,
+        *shape,
+        dtype,
+        bias=bias,
+        temperature=temperature,
+        frozen=frozen,
+        chunk_bytes=4 * shape[2] * 7,
+    )  # 7-row chunks: several chunks and a ragged tail
 
 
 @pytest.mark.parametrize("backend", CHUNKED)
@@ -78,8 +104,17 @@ def test_full_vocabulary_of_smollm2(backend, frozen):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias,temperature,frozen", [(False, 1.0, False), (True, 0.7, True), (True, 1.3, False)])
 def test_triton_interpreter_matches_reference(dtype, bias, temperature, frozen):
-    check_against_reference("triton", 21, 40, 150, dtype, bias=bias, temperature=temperature, frozen=frozen,
-                            chunk_bytes=4 * 150 * 8)
+    check_against_reference(
+        "triton",
+        21,
+        40,
+        150,
+        dtype,
+        bias=bias,
+        temperature=temperature,
+        frozen=frozen,
+        chunk_bytes=4 * 150 * 8,
+    )
 
 
 @pytest.mark.parametrize("backend", CHUNKED)
@@ -89,20 +124,43 @@ def test_gradcheck_float64(backend):
     w = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
     b = torch.randn(V, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 12, -100, 3, 7, 7])
-    fn = lambda h, w, b: sk.linear_logprobs(h, w, y, bias=b, temperature=0.8, backend=backend,  # noqa: E731
-                                            chunk_bytes=4 * V * 4)
+    fn = lambda h, w, b: sk.linear_logprobs(
+        h,
+        w,
+        y,
+        bias=b,
+        temperature=0.8,
+        backend=backend,  # noqa: E731
+        chunk_bytes=4 * V * 4,
+    )
     assert torch.autograd.gradcheck(fn, (h, w, b))
     frozen = lambda h: sk.linear_logprobs(h, w.detach(), y, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(frozen, (h,))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(T=st.integers(1, 40), H=st.integers(1, 24), V=st.integers(2, 300), bias=st.booleans(),
-       temperature=st.floats(0.25, 4.0), frozen=st.booleans(), chunk_rows=st.integers(1, 50),
-       backend=st.sampled_from(CHUNKED))
+@given(
+    T=st.integers(1, 40),
+    H=st.integers(1, 24),
+    V=st.integers(2, 300),
+    bias=st.booleans(),
+    temperature=st.floats(0.25, 4.0),
+    frozen=st.booleans(),
+    chunk_rows=st.integers(1, 50),
+    backend=st.sampled_from(CHUNKED),
+)
 def test_fuzz_against_reference(T, H, V, bias, temperature, frozen, chunk_rows, backend):
-    check_against_reference(backend, T, H, V, torch.float32, bias=bias, temperature=temperature, frozen=frozen,
-                            chunk_bytes=4 * V * chunk_rows)
+    check_against_reference(
+        backend,
+        T,
+        H,
+        V,
+        torch.float32,
+        bias=bias,
+        temperature=temperature,
+        frozen=frozen,
+        chunk_bytes=4 * V * chunk_rows,
+    )
 
 
 @pytest.mark.parametrize("backend", CHUNKED)
@@ -133,11 +191,12 @@ def test_registered_ops_pass_opcheck(backend):
     h, w, b = torch.randn(9, 6, requires_grad=True), torch.randn(17, 6, requires_grad=True), torch.randn(17)
     y = torch.randint(0, 17, (9,))
     for want_u in (False, True):
-        torch.library.opcheck(torch.ops.sami_kernels.linear_logprobs_fwd,
-                              (h, w, b, y, -100, 0.5, want_u, 4, backend))
+        torch.library.opcheck(torch.ops.sami_kernels.linear_logprobs_fwd, (h, w, b, y, -100, 0.5, want_u, 4, backend))
     lse = torch.logsumexp(h @ w.T + b, -1).detach()
-    torch.library.opcheck(torch.ops.sami_kernels.linear_logprobs_bwd,
-                          (h.detach(), w.detach(), b, y, lse, torch.randn(9), -100, 1.0, True, True, True, 4, backend))
+    torch.library.opcheck(
+        torch.ops.sami_kernels.linear_logprobs_bwd,
+        (h.detach(), w.detach(), b, y, lse, torch.randn(9), -100, 1.0, True, True, True, 4, backend),
+    )
 
 
 def test_torch_compile_traces_the_op():

@@ -57,9 +57,9 @@ def _fwd(
     chunk_rows: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_kernels(backend).linear_logprobs_fwd(
-        hidden, weight, bias, targets, ignore_index, scale, want_u, chunk_rows
-    ))
+    return tuple(
+        _kernels(backend).linear_logprobs_fwd(hidden, weight, bias, targets, ignore_index, scale, want_u, chunk_rows)
+    )
 
 
 @_fwd.register_fake
@@ -67,7 +67,11 @@ def _(hidden, weight, bias, targets, ignore_index, scale, want_u, chunk_rows, ba
     acc = accumulation_dtype(hidden.dtype)
     T, H = hidden.shape
     u_shape = (T, H) if want_u else (0,)
-    return hidden.new_empty(T, dtype=acc), hidden.new_empty(T, dtype=acc), hidden.new_empty(u_shape, dtype=acc)
+    return (
+        hidden.new_empty(T, dtype=acc),
+        hidden.new_empty(T, dtype=acc),
+        hidden.new_empty(u_shape, dtype=acc),
+    )
 
 
 @torch.library.custom_op("sami_kernels::linear_logprobs_bwd", mutates_args=())
@@ -86,14 +90,40 @@ def _bwd(
     chunk_rows: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(_kernels(backend).linear_logprobs_bwd(
-        hidden, weight, bias, targets, lse, grad_logp, ignore_index, scale, need_dh, need_dw, need_db, chunk_rows
-    ))
+    return tuple(
+        _kernels(backend).linear_logprobs_bwd(
+            hidden,
+            weight,
+            bias,
+            targets,
+            lse,
+            grad_logp,
+            ignore_index,
+            scale,
+            need_dh,
+            need_dw,
+            need_db,
+            chunk_rows,
+        )
+    )
 
 
 @_bwd.register_fake
-def _(hidden, weight, bias, targets, lse, grad_logp, ignore_index, scale, need_dh, need_dw, need_db, chunk_rows,
-      backend):
+def _(
+    hidden,
+    weight,
+    bias,
+    targets,
+    lse,
+    grad_logp,
+    ignore_index,
+    scale,
+    need_dh,
+    need_dw,
+    need_db,
+    chunk_rows,
+    backend,
+):
     def maybe(flag, like):
         return torch.empty_like(like) if flag else hidden.new_empty(0)
 
@@ -146,8 +176,9 @@ def _check_inputs(hidden, weight, targets, bias, ignore_index, temperature):
     if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets must be an int64 or int32 tensor, got {getattr(targets, 'dtype', type(targets))}")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] = "
-                         f"{tuple(hidden.shape[:-1])}")
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] = {tuple(hidden.shape[:-1])}"
+        )
     if targets.device != hidden.device:
         raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
     if bias is not None:
@@ -160,8 +191,10 @@ def _check_inputs(hidden, weight, targets, bias, ignore_index, temperature):
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"targets{list(where)} = {int(targets[where])} is outside [0, V={weight.shape[0]}) "
-                         f"and is not ignore_index={ignore_index}")
+        raise ValueError(
+            f"targets{list(where)} = {int(targets[where])} is outside [0, V={weight.shape[0]}) "
+            f"and is not ignore_index={ignore_index}"
+        )
 
 
 def linear_logprobs(
@@ -203,5 +236,12 @@ class LinearLogprobs(torch.nn.Module):
         self.ignore_index, self.temperature, self.backend = ignore_index, temperature, backend
 
     def forward(self, hidden, weight, targets, bias=None):
-        return linear_logprobs(hidden, weight, targets, bias=bias, ignore_index=self.ignore_index,
-                               temperature=self.temperature, backend=self.backend)
+        return linear_logprobs(
+            hidden,
+            weight,
+            targets,
+            bias=bias,
+            ignore_index=self.ignore_index,
+            temperature=self.temperature,
+            backend=self.backend,
+        )

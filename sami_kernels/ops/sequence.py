@@ -18,8 +18,9 @@ SEQ_REDUCTIONS = ("mean", "sum")
 
 def _seq_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be a 1-D integer tensor [S + 1], got {cu_seqlens.dtype} "
-                         f"{tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"cu_seqlens must be a 1-D integer tensor [S + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != num_tokens or bool((lengths < 0).any()):
         raise ValueError(f"cu_seqlens must rise from 0 to the number of tokens {num_tokens}, got {cu_seqlens.tolist()}")
@@ -71,8 +72,10 @@ def sequence_logprobs(
     if not isinstance(seq_ids, torch.Tensor) or seq_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"seq_ids must be an int64 or int32 tensor, got {getattr(seq_ids, 'dtype', type(seq_ids))}")
     if seq_ids.shape != targets.shape or targets.dim() != 1 or targets.shape[0] != hidden.shape[0]:
-        raise ValueError(f"seq_ids {tuple(seq_ids.shape)} and targets {tuple(getattr(targets, 'shape', ()))} must "
-                         f"both have shape [T={hidden.shape[0]}]")
+        raise ValueError(
+            f"seq_ids {tuple(seq_ids.shape)} and targets {tuple(getattr(targets, 'shape', ()))} must "
+            f"both have shape [T={hidden.shape[0]}]"
+        )
     seq_ids = seq_ids.to(device=hidden.device, dtype=torch.int64)
     out_of_range = (seq_ids < -1) | (seq_ids >= num_seqs)
     if bool(out_of_range.any()):
@@ -83,8 +86,16 @@ def sequence_logprobs(
     if not bool(scored.all()):  # never compute logits for tokens nobody asked about
         idx = scored.nonzero()[:, 0]
         hidden, targets, seq_ids = hidden.index_select(0, idx), targets[idx], seq_ids[idx]
-    logp = linear_logprobs(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
-                           temperature=temperature, backend=backend, chunk_bytes=chunk_bytes)
+    logp = linear_logprobs(
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        backend=backend,
+        chunk_bytes=chunk_bytes,
+    )
     sums, counts = segment_sums(logp, seq_ids, num_seqs)
     if reduction == "sum":
         return sums
@@ -120,9 +131,19 @@ def sami_loss(
         raise ValueError(f"num_queries must be a positive int, got {B!r}")
     if not isinstance(N, int) or N < 2:
         raise ValueError(f"num_constitutions must be an int >= 2 (InfoNCE contrasts N >= 2), got {N!r}")
-    seq = sequence_logprobs(hidden, weight, targets, seq_ids, B * N * N, reduction="mean", bias=bias,
-                            ignore_index=ignore_index, temperature=temperature, backend=backend,
-                            chunk_bytes=chunk_bytes)
+    seq = sequence_logprobs(
+        hidden,
+        weight,
+        targets,
+        seq_ids,
+        B * N * N,
+        reduction="mean",
+        bias=bias,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        backend=backend,
+        chunk_bytes=chunk_bytes,
+    )
     M = seq.view(B, N, N)
     return infonce_loss(M, direction=direction, reduction=reduction, backend=backend), M
 
@@ -130,13 +151,30 @@ def sami_loss(
 class SAMILoss(torch.nn.Module):
     """Module form of sami_loss: forward(hidden, weight, targets, seq_ids, num_queries, bias=None) -> (loss, M)."""
 
-    def __init__(self, num_constitutions: int, *, direction: str = "both", ignore_index: int = -100,
-                 temperature: float = 1.0, backend: str = "auto"):
+    def __init__(
+        self,
+        num_constitutions: int,
+        *,
+        direction: str = "both",
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        backend: str = "auto",
+    ):
         super().__init__()
         self.num_constitutions, self.direction = num_constitutions, direction
         self.ignore_index, self.temperature, self.backend = ignore_index, temperature, backend
 
     def forward(self, hidden, weight, targets, seq_ids, num_queries, bias=None):
-        return sami_loss(hidden, weight, targets, seq_ids, num_queries=num_queries,
-                         num_constitutions=self.num_constitutions, direction=self.direction, bias=bias,
-                         ignore_index=self.ignore_index, temperature=self.temperature, backend=self.backend)
+        return sami_loss(
+            hidden,
+            weight,
+            targets,
+            seq_ids,
+            num_queries=num_queries,
+            num_constitutions=self.num_constitutions,
+            direction=self.direction,
+            bias=bias,
+            ignore_index=self.ignore_index,
+            temperature=self.temperature,
+            backend=self.backend,
+        )

@@ -1,0 +1,505 @@
+// Fused linear log-prob kernels (CPU): logits are never materialised as T x V.
+//
+// Forward: chunk loop over token rows: buf[:rows] = h[r0:r0+rows] @ W^T (one GEMM
+// into a reused [chunk_rows, V] buffer in the compute dtype), then a per-row fused
+// epilogue parallelised over rows (at::parallel_for): one pass, blockwise online
+// logsumexp + target gather; with want_u a second in-place pass over the (L2-hot)
+// row writes scale*(onehot - p), then u = buf @ W.
+// Backward: same buffer budget (chunk_rows * V elements), but since lse is known
+// the tiles may be [T, Vc] vocabulary chunks (see linear_logprobs_bwd_cpu): GEMM
+// recomputes the tile, one in-place pass writes g*scale*(onehot - exp(z - lse)),
+// then dh (+)= tile @ W_c, dW_c (+)= tile^T @ h, db_c += sum_rows(tile).
+// Math: logprob_math.h.  The row loops use a branch-free exp polynomial so GCC
+// vectorises them; they are compiled for AVX-512 / AVX2 / baseline and picked at
+// load time (target_clones).
+//
+// Dtypes (hidden / weight / bias share one):
+//   float32 : everything in float32.
+//   bfloat16: GEMMs in bf16 (oneDNN, fp32 accumulation inside, bf16 output); the
+//             buffer is bf16, the epilogue upcasts each value as it reads it and
+//             rounds (RNE) when it writes dz back.  u = bf16 GEMM output cast to
+//             f32; dW: each chunk's bf16 product is added into a float32
+//             accumulator (a reused [V, H] bf16 temp), cast to bf16 at the end.
+//   float64 : everything in float64 (std::exp), for gradcheck and exactness tests.
+//   float16 : CPU half GEMMs are slow (no native fp16 FMA on most CPUs: ~5x slower
+//             than fp32 here), so inputs are upcast to float32 once per call and
+//             the float32 path runs; outputs are cast back.  Costs one fp32 copy
+//             of W (V*H*4 bytes) per call.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "logprob_math.h"
+
+#if (defined(__GNUC__) && !defined(__clang__)) && defined(__x86_64__) && defined(__linux__)
+#define SAMI_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SAMI_CPU_CLONES
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define SAMI_AI inline __attribute__((always_inline))
+#else
+#define SAMI_AI inline
+#endif
+
+namespace {
+
+constexpr int64_t kLanes = 16;   // independent accumulators (one AVX-512 vector)
+constexpr int64_t kBlock = 512;  // floats per epilogue block (2 KiB, stays in L1)
+
+// ----- element conversion ---------------------------------------------------
+SAMI_AI float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+SAMI_AI uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+SAMI_AI float to_f(float x) { return x; }
+SAMI_AI double to_f(double x) { return x; }
+SAMI_AI float to_f(at::BFloat16 x) { return bits_to_float(static_cast<uint32_t>(x.x) << 16); }
+SAMI_AI void from_f(float v, float* dst) { *dst = v; }
+SAMI_AI void from_f(double v, double* dst) { *dst = v; }
+SAMI_AI void from_f(float v, at::BFloat16* dst) {
+  // round to nearest even; NaN stays (quiet) NaN
+  const uint32_t u = float_to_bits(v);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  dst->x = ((u & 0x7FFFFFFFu) > 0x7F800000u) ? uint16_t(0x7FC0) : static_cast<uint16_t>(r);
+}
+
+// ----- branch-free exp (Cephes-style, ~1-2 ulp), vectorisable ------------------
+// x < -87.3 (incl. -inf) -> 0; NaN -> NaN; x is at most ~0 in all callers.
+SAMI_AI float fast_exp(float x) {
+  const float lo = -87.33654f, hi = 88.0f;
+  float xc = x < lo ? lo : x;  // NaN passes through both clamps
+  xc = xc > hi ? hi : xc;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: float add rounds to an integer
+  const float tm = xc * 1.44269504088896341f + magic;
+  const float n = tm - magic;                                          // round(x / ln 2)
+  const int32_t ni = static_cast<int32_t>(float_to_bits(tm) - float_to_bits(magic));
+  float r = xc - n * 0.693359375f;  // exact: few bits in the constant
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const float two_n = bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+  const float res = p * two_n;
+  return x < lo ? 0.0f : res;
+}
+
+// Accumulation type: float for float32 / bfloat16 storage, double for float64.
+template <typename X> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+SAMI_AI float acc_exp(float x) { return fast_exp(x); }
+SAMI_AI double acc_exp(double x) { return std::exp(x); }
+
+// ----- row kernels ------------------------------------------------------------
+// z block: z[i] = scale * (x[i] + b[i])
+template <typename X, typename A = typename AccOf<X>::type>
+SAMI_AI void load_z(const X* __restrict src, const A* __restrict bias, A scale, int64_t n,
+                    A* __restrict z) {
+  if (bias) {
+    for (int64_t i = 0; i < n; ++i) z[i] = scale * (to_f(src[i]) + bias[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) z[i] = scale * to_f(src[i]);
+  }
+}
+
+// logsumexp of one row of z, single pass over memory: per block of kBlock values,
+// the block max and sum exp(z - block max) are computed on an L1-resident copy,
+// then merged into the running state (OnlineLSE::merge).
+template <typename X, typename A = typename AccOf<X>::type>
+SAMI_AI A row_lse(const X* __restrict row, const A* __restrict bias, A scale, int64_t V) {
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  alignas(64) A z[kBlock];
+  sami::OnlineLSE<A> st;
+  for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+    const int64_t n = std::min(kBlock, V - v0);
+    load_z(row + v0, bias ? bias + v0 : nullptr, scale, n, z);
+    A mx[kLanes];
+    for (int64_t l = 0; l < kLanes; ++l) mx[l] = kNegInf;
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) mx[l] = z[i + l] > mx[l] ? z[i + l] : mx[l];
+    A bm = kNegInf;
+    for (; i < n; ++i) bm = z[i] > bm ? z[i] : bm;
+    for (int64_t l = 0; l < kLanes; ++l) bm = mx[l] > bm ? mx[l] : bm;
+    // all -inf block: subtract 0 so -inf stays -inf (exp -> 0) instead of NaN
+    const A mu = bm == kNegInf ? A(0) : bm;
+    A acc[kLanes];
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] = A(0);
+    i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] += acc_exp(z[i + l] - mu);
+    A bs = A(0);
+    for (; i < n; ++i) bs += acc_exp(z[i] - mu);
+    for (int64_t l = 0; l < kLanes; ++l) bs += acc[l];
+    st.merge(sami::OnlineLSE<A>(bm, bs));
+  }
+  return st.finalize();
+}
+
+// In place over n columns: row[v] = coef * (onehot(target)[v] - exp(z[v] - lse));
+// target < 0: the target column is not among these n columns.
+template <typename X, typename A = typename AccOf<X>::type>
+SAMI_AI void row_grad(X* __restrict row, const A* __restrict bias, A scale, int64_t n,
+                      int64_t target, A lse, A coef) {
+  const A zt = target >= 0 ? sami::logit_value<A>(to_f(row[target]), bias ? bias[target] : A(0), scale)
+                           : A(0);
+  const A ncoef = -coef;
+  if (bias) {
+    for (int64_t v = 0; v < n; ++v)
+      from_f(ncoef * acc_exp(scale * (to_f(row[v]) + bias[v]) - lse), row + v);
+  } else {
+    for (int64_t v = 0; v < n; ++v) from_f(ncoef * acc_exp(scale * to_f(row[v]) - lse), row + v);
+  }
+  if (target >= 0) from_f(sami::logprob_grad_value<A>(coef, A(1), zt, lse, true), row + target);
+}
+
+template <typename X>
+SAMI_AI void zero_row(X* row, int64_t V) {
+  std::memset(static_cast<void*>(row), 0, sizeof(X) * V);
+}
+
+template <typename A>
+struct RowArgs {
+  void* buf;            // [rows, V] chunk buffer (compute dtype), row stride V
+  int64_t V;            // columns in this tile
+  const A* bias;        // bias for these columns in the accumulation type, or nullptr
+  A scale;
+  const int64_t* targets;  // chunk's targets (global vocabulary index)
+  int64_t ignore_index;
+  int64_t v0 = 0;       // first vocabulary column of the tile (backward tiles)
+};
+
+// Forward epilogue for rows [r0, r1) of a chunk.
+template <typename X, typename A = typename AccOf<X>::type>
+SAMI_AI void fwd_rows_impl(const RowArgs<A>& a, int64_t r0, int64_t r1, bool want_u, A* logp,
+                           A* lse) {
+  X* buf = static_cast<X*>(a.buf);
+  for (int64_t r = r0; r < r1; ++r) {
+    X* row = buf + r * a.V;
+    const int64_t y = a.targets[r];
+    if (y == a.ignore_index) {
+      logp[r] = A(0);
+      lse[r] = A(0);
+      if (want_u) zero_row(row, a.V);
+      continue;
+    }
+    const A L = row_lse(row, a.bias, a.scale, a.V);
+    const A zt = sami::logit_value<A>(to_f(row[y]), a.bias ? a.bias[y] : A(0), a.scale);
+    logp[r] = zt - L;
+    lse[r] = L;
+    if (want_u) row_grad(row, a.bias, a.scale, a.V, y, L, a.scale);  // still in L2
+  }
+}
+
+// Backward epilogue for rows [r0, r1) of a [rows, V] tile starting at column v0:
+// coef = g * scale.  lse is known, so tiles need not span whole rows.
+template <typename X, typename A = typename AccOf<X>::type>
+SAMI_AI void bwd_rows_impl(const RowArgs<A>& a, int64_t r0, int64_t r1, const A* lse,
+                           const A* g) {
+  X* buf = static_cast<X*>(a.buf);
+  for (int64_t r = r0; r < r1; ++r) {
+    X* row = buf + r * a.V;
+    const int64_t y = a.targets[r];
+    if (y == a.ignore_index) {
+      zero_row(row, a.V);
+      continue;
+    }
+    const int64_t yl = (y >= a.v0 && y < a.v0 + a.V) ? y - a.v0 : -1;
+    row_grad(row, a.bias, a.scale, a.V, yl, lse[r], g[r] * a.scale);
+  }
+}
+
+SAMI_CPU_CLONES void fwd_rows_f32(const RowArgs<float>& a, int64_t r0, int64_t r1, bool want_u,
+                                  float* logp, float* lse) {
+  fwd_rows_impl<float>(a, r0, r1, want_u, logp, lse);
+}
+SAMI_CPU_CLONES void fwd_rows_bf16(const RowArgs<float>& a, int64_t r0, int64_t r1, bool want_u,
+                                   float* logp, float* lse) {
+  fwd_rows_impl<at::BFloat16>(a, r0, r1, want_u, logp, lse);
+}
+SAMI_CPU_CLONES void bwd_rows_f32(const RowArgs<float>& a, int64_t r0, int64_t r1, const float* lse,
+                                  const float* g) {
+  bwd_rows_impl<float>(a, r0, r1, lse, g);
+}
+SAMI_CPU_CLONES void bwd_rows_bf16(const RowArgs<float>& a, int64_t r0, int64_t r1, const float* lse,
+                                   const float* g) {
+  bwd_rows_impl<at::BFloat16>(a, r0, r1, lse, g);
+}
+
+// Epilogue dispatch on the buffer dtype: bf16 or float32 buffers accumulate in float,
+// float64 buffers in double.
+void fwd_rows(const RowArgs<float>& a, bool bf16, int64_t r0, int64_t r1, bool want_u, float* logp,
+              float* lse) {
+  if (bf16)
+    fwd_rows_bf16(a, r0, r1, want_u, logp, lse);
+  else
+    fwd_rows_f32(a, r0, r1, want_u, logp, lse);
+}
+void fwd_rows(const RowArgs<double>& a, bool, int64_t r0, int64_t r1, bool want_u, double* logp,
+              double* lse) {
+  fwd_rows_impl<double>(a, r0, r1, want_u, logp, lse);
+}
+void bwd_rows(const RowArgs<float>& a, bool bf16, int64_t r0, int64_t r1, const float* lse,
+              const float* g) {
+  if (bf16)
+    bwd_rows_bf16(a, r0, r1, lse, g);
+  else
+    bwd_rows_f32(a, r0, r1, lse, g);
+}
+void bwd_rows(const RowArgs<double>& a, bool, int64_t r0, int64_t r1, const double* lse,
+              const double* g) {
+  bwd_rows_impl<double>(a, r0, r1, lse, g);
+}
+
+// ----- host side --------------------------------------------------------------
+void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias, const at::Tensor& targets) {
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(), "expected CPU tensors");
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "hidden and weight must be 2-D");
+  TORCH_CHECK(hidden.size(1) == weight.size(1), "hidden/weight hidden-size mismatch");
+  TORCH_CHECK(hidden.is_contiguous() && weight.is_contiguous(), "hidden/weight must be contiguous");
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble,
+              "hidden must be float32, bfloat16, float16 or float64");
+  TORCH_CHECK(weight.scalar_type() == dt, "hidden and weight must share a dtype");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must be [V]");
+    TORCH_CHECK(bias->scalar_type() == dt, "bias must share the hidden dtype");
+    TORCH_CHECK(bias->is_contiguous(), "bias must be contiguous");
+  }
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "targets must be [T]");
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64");
+  TORCH_CHECK(targets.is_contiguous(), "targets must be contiguous");
+}
+
+int64_t pick_chunk_rows(int64_t chunk_rows, int64_t T, int64_t V, int64_t elsize) {
+  if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(1, (int64_t(32) << 20) / (V * elsize));
+  return std::max<int64_t>(1, std::min(chunk_rows, T));
+}
+
+// Copy of the bias (V values) in the accumulation dtype for the epilogue, or undefined.
+at::Tensor bias_acc(const c10::optional<at::Tensor>& bias, at::ScalarType acc) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  return bias->to(acc).contiguous();
+}
+
+at::ScalarType acc_dtype(const at::Tensor& hidden) {
+  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename A>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_impl(
+    const at::Tensor& hidden_in, const at::Tensor& weight_in,
+    const c10::optional<at::Tensor>& bias_in, const at::Tensor& targets, int64_t ignore_index,
+    double scale_d, bool want_u, int64_t chunk_rows) {
+  const bool half = hidden_in.scalar_type() == at::kHalf;
+  const at::Tensor hidden = half ? hidden_in.to(at::kFloat) : hidden_in;
+  const at::Tensor weight = half ? weight_in.to(at::kFloat) : weight_in;
+  const at::Tensor bias = bias_acc(bias_in, acc_dtype(hidden));
+  const bool bf16 = hidden.scalar_type() == at::kBFloat16;
+
+  const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const auto acc = hidden.options().dtype(acc_dtype(hidden));
+  at::Tensor logp = at::empty({T}, acc);
+  at::Tensor lse = at::empty({T}, acc);
+  at::Tensor u = want_u ? at::empty({T, H}, acc) : at::empty({0}, acc);
+  if (T == 0) return {logp, lse, u};
+  TORCH_CHECK(V > 0, "linear_logprobs_fwd: empty vocabulary");
+
+  const int64_t C = pick_chunk_rows(chunk_rows, T, V, hidden.element_size());
+  at::Tensor buf = at::empty({C, V}, hidden.options());
+  const at::Tensor wt = weight.t();
+  const A scale = static_cast<A>(scale_d);
+  const int64_t* tg = targets.const_data_ptr<int64_t>();
+  A* logp_p = logp.mutable_data_ptr<A>();
+  A* lse_p = lse.mutable_data_ptr<A>();
+
+  for (int64_t t0 = 0; t0 < T; t0 += C) {
+    const int64_t rows = std::min(C, T - t0);
+    at::Tensor bchunk = buf.narrow(0, 0, rows);
+    at::mm_out(bchunk, hidden.narrow(0, t0, rows), wt);
+    RowArgs<A> a{bchunk.data_ptr(), V, bias.defined() ? bias.const_data_ptr<A>() : nullptr,
+                 scale, tg + t0, ignore_index};
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      fwd_rows(a, bf16, r0, r1, want_u, logp_p + t0, lse_p + t0);
+    });
+    if (want_u) {
+      at::Tensor urows = u.narrow(0, t0, rows);
+      if (bf16)
+        urows.copy_(at::mm(bchunk, weight));  // bf16 GEMM, fp32 accumulate inside
+      else
+        at::mm_out(urows, bchunk, weight);
+    }
+  }
+  return {logp, lse, u};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& targets, int64_t ignore_index, double scale, bool want_u, int64_t chunk_rows) {
+  check_inputs(hidden, weight, bias, targets);
+  if (hidden.scalar_type() == at::kDouble)
+    return linear_logprobs_fwd_impl<double>(hidden, weight, bias, targets, ignore_index, scale,
+                                            want_u, chunk_rows);
+  return linear_logprobs_fwd_impl<float>(hidden, weight, bias, targets, ignore_index, scale, want_u,
+                                         chunk_rows);
+}
+
+template <typename A>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_impl(
+    const at::Tensor& hidden_in, const at::Tensor& weight_in,
+    const c10::optional<at::Tensor>& bias_in, const at::Tensor& targets, const at::Tensor& lse,
+    const at::Tensor& grad_logp, int64_t ignore_index, double scale_d, bool need_dh,
+    bool need_dw, bool need_db, int64_t chunk_rows) {
+  const int64_t T = hidden_in.size(0), H = hidden_in.size(1), V = weight_in.size(0);
+  const auto acc_type = acc_dtype(hidden_in);
+  TORCH_CHECK(lse.scalar_type() == acc_type && lse.dim() == 1 && lse.size(0) == T &&
+                  lse.is_contiguous(),
+              "lse must be a contiguous [T] tensor in the accumulation dtype");
+  TORCH_CHECK(grad_logp.scalar_type() == acc_type && grad_logp.dim() == 1 &&
+                  grad_logp.size(0) == T && grad_logp.is_contiguous(),
+              "grad_logp must be a contiguous [T] tensor in the accumulation dtype");
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  TORCH_CHECK(!need_db || has_bias, "need_db without a bias");
+
+  const auto in_dtype = hidden_in.scalar_type();
+  const bool half = in_dtype == at::kHalf;
+  const at::Tensor hidden = half ? hidden_in.to(at::kFloat) : hidden_in;
+  const at::Tensor weight = half ? weight_in.to(at::kFloat) : weight_in;
+  const at::Tensor bias = bias_acc(bias_in, acc_type);
+  const bool bf16 = hidden.scalar_type() == at::kBFloat16;
+  const auto acc = hidden.options().dtype(acc_type);
+
+  const auto copt = hidden.options();
+  at::Tensor dh, dw, db;
+  if (T == 0 || V == 0 || !(need_dh || need_dw || need_db)) {
+    if (need_dh) dh = at::zeros({T, H}, copt);
+    if (need_dw) dw = at::zeros({V, H}, copt);
+    if (need_db) db = at::zeros({V}, copt);
+  } else {
+    // Tiles of [Tr, Vc] logits, buffer budget chunk_rows * V elements.  lse is known, so
+    // tiles need not span whole rows: when the budget holds >= kMinTileCols columns of
+    // all T rows, use one row block (Tr = T) and chunk the vocabulary.  Then every dW
+    // block is written once by a GEMM with K = T (no re-accumulation of the [V, H]
+    // gradient per chunk, bf16 dW rounded once), and dh ([T, H], small) accumulates
+    // over vocabulary chunks.  Otherwise row chunks of chunk_rows full rows.
+    constexpr int64_t kMinTileCols = 1024;
+    const int64_t C = pick_chunk_rows(chunk_rows, T, V, hidden.element_size());
+    const int64_t budget = C * V;
+    int64_t Tr = C, Vc = V;
+    if (budget / T >= std::min(V, kMinTileCols)) {
+      Tr = T;
+      Vc = std::min(V, budget / T);
+      if (Vc < V) Vc = std::max<int64_t>(64, Vc / 64 * 64);
+    }
+    const int64_t nT = (T + Tr - 1) / Tr, nV = (V + Vc - 1) / Vc;
+    at::Tensor buf_flat = at::empty({Tr * Vc}, copt);
+
+    // dh: accumulated over vocabulary chunks (float32 when the GEMM output is bf16)
+    const bool dh_f32_acc = need_dh && bf16 && nV > 1;
+    if (need_dh) dh = dh_f32_acc ? at::zeros({T, H}, acc) : at::empty({T, H}, copt);
+    // dW: one row block -> each [Vc, H] block written once; else float32 accumulator
+    const bool dw_direct = nT == 1;
+    if (need_dw) dw = dw_direct ? at::empty({V, H}, copt) : at::zeros({V, H}, acc);
+    at::Tensor dw_tmp = (need_dw && !dw_direct && bf16) ? at::empty({V, H}, copt) : at::Tensor();
+    if (need_db) db = at::zeros({V}, acc);
+
+    const A scale = static_cast<A>(scale_d);
+    const int64_t* tg = targets.const_data_ptr<int64_t>();
+    const A* lse_p = lse.const_data_ptr<A>();
+    const A* g_p = grad_logp.const_data_ptr<A>();
+    const A* bias_p = bias.defined() ? bias.const_data_ptr<A>() : nullptr;
+
+    for (int64_t t0 = 0; t0 < T; t0 += Tr) {
+      const int64_t rows = std::min(Tr, T - t0);
+      const at::Tensor hchunk = hidden.narrow(0, t0, rows);
+      for (int64_t v0 = 0; v0 < V; v0 += Vc) {
+        const int64_t cols = std::min(Vc, V - v0);
+        at::Tensor tile = buf_flat.narrow(0, 0, rows * cols).view({rows, cols});
+        const at::Tensor wc = weight.narrow(0, v0, cols);
+        at::mm_out(tile, hchunk, wc.t());
+        RowArgs<A> a{tile.data_ptr(), cols, bias_p ? bias_p + v0 : nullptr, scale, tg + t0,
+                     ignore_index, v0};
+        at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+          bwd_rows(a, bf16, r0, r1, lse_p + t0, g_p + t0);
+        });
+        if (need_dh) {
+          at::Tensor dh_rows = dh.narrow(0, t0, rows);
+          if (dh_f32_acc)
+            dh_rows.add_(at::mm(tile, wc));  // bf16 GEMM, chunk sum added in fp32
+          else if (v0 == 0)
+            at::mm_out(dh_rows, tile, wc);
+          else
+            dh_rows.addmm_(tile, wc);        // float32 / float64
+        }
+        if (need_dw) {
+          if (dw_direct) {
+            at::Tensor dw_rows = dw.narrow(0, v0, cols);
+            at::mm_out(dw_rows, tile.t(), hchunk);
+          } else if (bf16) {
+            // Vc == V here: bf16 GEMM (fp32 accumulation inside), chunk added in fp32
+            at::mm_out(dw_tmp, tile.t(), hchunk);
+            dw.add_(dw_tmp);
+          } else {
+            dw.addmm_(tile.t(), hchunk);
+          }
+        }
+        if (need_db) db.narrow(0, v0, cols).add_(tile.sum(0, /*keepdim=*/false, acc_type));
+      }
+    }
+  }
+
+  const auto out_empty = hidden_in.options().dtype(in_dtype);
+  at::Tensor dh_out = need_dh ? dh.to(in_dtype) : at::empty({0}, out_empty);
+  at::Tensor dw_out = need_dw ? dw.to(in_dtype) : at::empty({0}, out_empty);
+  at::Tensor db_out = need_db ? db.to(in_dtype) : at::empty({0}, out_empty);
+  return {dh_out, dw_out, db_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& grad_logp,
+    int64_t ignore_index, double scale, bool need_dh, bool need_dw, bool need_db,
+    int64_t chunk_rows) {
+  check_inputs(hidden, weight, bias, targets);
+  if (hidden.scalar_type() == at::kDouble)
+    return linear_logprobs_bwd_impl<double>(hidden, weight, bias, targets, lse, grad_logp,
+                                            ignore_index, scale, need_dh, need_dw, need_db,
+                                            chunk_rows);
+  return linear_logprobs_bwd_impl<float>(hidden, weight, bias, targets, lse, grad_logp,
+                                         ignore_index, scale, need_dh, need_dw, need_db,
+                                         chunk_rows);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sami_kernels_C, m) {
+  m.def(
+      "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+      "int ignore_index, float scale, bool want_u, int chunk_rows) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_logprobs_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+      "Tensor lse, Tensor grad_logp, int ignore_index, float scale, bool need_dh, bool need_dw, "
+      "bool need_db, int chunk_rows) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(sami_kernels_C, CPU, m) {
+  m.impl("linear_logprobs_fwd", &linear_logprobs_fwd_cpu);
+  m.impl("linear_logprobs_bwd", &linear_logprobs_bwd_cpu);
+}

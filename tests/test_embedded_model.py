@@ -1,0 +1,63 @@
+"""The embedded SmolLM2-135M-Instruct end to end: conversion into a fresh cache (replacing a stale partial
+directory), the fused SAMI matrix against the naive full-logits computation, and the `demo` command."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sami_kernels as sk
+from sami_kernels import demo, models
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    stale = cache / models.SMOLLM2_DIRNAME
+    stale.mkdir()
+    (stale / "model.safetensors").write_text("half-written by a killed run")
+    os.environ["SAMI_KERNELS_CACHE"] = str(cache)
+    try:
+        model, tokenizer = models.load_smollm2()
+    finally:
+        del os.environ["SAMI_KERNELS_CACHE"]
+    return model.eval(), tokenizer, cache
+
+
+def test_conversion_replaces_a_partial_directory(smollm2):
+    model, _, cache = smollm2
+    converted = cache / models.SMOLLM2_DIRNAME
+    assert (converted / "conversion-complete").exists()
+    assert (converted / "model.safetensors").stat().st_size > 100_000_000
+    assert model.config.vocab_size == 49152 and model.config.hidden_size == 576
+
+
+def test_fused_matrix_equals_naive_full_logits(smollm2):
+    model, tokenizer, _ = smollm2
+    B, N = len(demo.QUERIES), len(demo.CONSTITUTIONS)
+    sequences, lengths = demo.build_pairs(tokenizer, demo.QUERIES, demo.CONSTITUTIONS, demo.RESPONSES)
+    with torch.no_grad():
+        hidden, targets, seq_ids = demo.response_states(model, sequences, lengths, tokenizer.pad_token_id)
+        loss, M = sk.sami_loss(hidden, model.lm_head.weight, targets, seq_ids, num_queries=B, num_constitutions=N)
+        naive = []
+        for seq, n in zip(sequences, lengths, strict=True):
+            logits = model(input_ids=torch.tensor([seq])).logits[0].double()
+            logp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
+            naive.append(logp[-n:].mean())
+    M_naive = torch.stack(naive).view(B, N, N)
+    torch.testing.assert_close(M.double(), M_naive, atol=2e-4, rtol=0)  # padded batch vs one sequence at a time
+    assert loss.item() == pytest.approx(sk.reference.infonce_loss(M_naive).item(), abs=2e-4)
+
+
+def test_demo_command_prints_matrices_and_loss(smollm2):
+    env = dict(os.environ, SAMI_KERNELS_CACHE=str(smollm2[2]), HF_HUB_OFFLINE="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "sami_kernels", "demo"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("M[i, j] = mean log p(response_j | constitution_i)") == 2
+    assert "SAMI loss (two-sided InfoNCE" in out.stdout and "MI lower bound" in out.stdout

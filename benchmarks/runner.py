@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,11 +40,6 @@ FIELDS = [
 DEFAULT_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "results.csv")
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def _nbytes(result) -> int:
     import torch
 
@@ -56,23 +50,18 @@ def _nbytes(result) -> int:
     return 0
 
 
-def measure(fn, *, device: str = "cpu", reps: int = 5, warmup: int = 1) -> dict:
-    """Times fn() (ms quantiles) and the extra peak memory of its first call (MiB): the high-water mark above
-    what existed before the call, less the tensors it returns (gradients every provider must produce)."""
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def measure_time(fn, *, device: str = "cpu", reps: int = 5, warmup: int = 1) -> dict:
+    """Median and 20th / 80th percentile wall time of fn() in ms, after warm-up calls."""
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out_mb = _nbytes(fn()) / 2**20
-        sync()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 - out_mb
-    else:  # the process's high-water mark: valid because each case runs in a fresh process
-        base = _rss_mb()
-        out_mb = _nbytes(fn()) / 2**20
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base - out_mb
-    for _ in range(max(0, warmup - 1)):
+    for _ in range(warmup):
         fn()
     sync()
     times = []
@@ -82,12 +71,31 @@ def measure(fn, *, device: str = "cpu", reps: int = 5, warmup: int = 1) -> dict:
         sync()
         times.append(time.perf_counter() - t)
     q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
-    return {
-        "median_ms": 1e3 * statistics.median(times),
-        "p20_ms": 1e3 * q[0],
-        "p80_ms": 1e3 * q[3],
-        "peak_extra_mb": max(0.0, peak),
-    }
+    return {"median_ms": 1e3 * statistics.median(times), "p20_ms": 1e3 * q[0], "p80_ms": 1e3 * q[3]}
+
+
+def measure_memory(fn, *, device: str = "cpu") -> dict:
+    """Extra peak memory of one warm call of fn() in MiB: the high-water mark above what existed before the call,
+    less the tensors it returns (gradients every provider must produce).
+
+    CPU: peak resident set (VmHWM, reset through /proc/self/clear_refs after a warm-up call). The worker runs with
+    a fixed glibc mmap threshold so that freed large blocks leave the resident set; that slows allocation, which
+    is why time is measured in another process."""
+    import torch
+
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out_mb = _nbytes(fn()) / 2**20
+        torch.cuda.synchronize()
+        return {"peak_extra_mb": (torch.cuda.max_memory_allocated() - base) / 2**20 - out_mb}
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    base = _status_mb("VmRSS")
+    out_mb = _nbytes(fn()) / 2**20
+    return {"peak_extra_mb": _status_mb("VmHWM") - base - out_mb}
 
 
 def matmul_gflops(m: int, k: int, n: int, dtype: str, device: str = "cpu", reps: int = 5) -> float:
@@ -96,21 +104,27 @@ def matmul_gflops(m: int, k: int, n: int, dtype: str, device: str = "cpu", reps:
 
     a = torch.randn(m, k, dtype=getattr(torch, dtype), device=device)
     b = torch.randn(n, k, dtype=getattr(torch, dtype), device=device)
-    result = measure(lambda: a @ b.T, device=device, reps=reps, warmup=3)
+    result = measure_time(lambda: a @ b.T, device=device, reps=reps, warmup=3)
     return 2 * m * k * n / (result["median_ms"] / 1e3) / 1e9
 
 
-def _worker(build, provider: str, case: dict, reps: int) -> dict:
+def _worker(build, provider: str, case: dict, what: str, reps: int) -> dict:
     fn = build(provider, case)
-    return measure(fn, device=case.get("device", "cpu"), reps=reps)
+    device = case.get("device", "cpu")
+    return measure_memory(fn, device=device) if what == "memory" else measure_time(fn, device=device, reps=reps)
 
 
 def _spawn(script: str, provider: str, case: dict, reps: int) -> dict:
-    cmd = [sys.executable, script, "--worker", provider, json.dumps(case), "--reps", str(reps)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Time and memory of one (provider, case), each in a fresh process."""
+    result = {}
+    for what in ("time", "memory"):
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if what == "memory" else None
+        cmd = [sys.executable, script, "--worker", provider, json.dumps(case), what, "--reps", str(reps)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+        result.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    return result
 
 
 def _version() -> str:
@@ -157,15 +171,15 @@ def append_csv(rows: list[dict], path: str) -> None:
 
 def main(script: str, providers: list[str], cases: list[dict], build) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", nargs=2, metavar=("PROVIDER", "CASE_JSON"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("PROVIDER", "CASE_JSON", "WHAT"), help=argparse.SUPPRESS)
     parser.add_argument("--providers", default=",".join(providers), help="comma-separated subset")
     parser.add_argument("--filter", default="", help="run only cases whose shape/mode/dtype contains this text")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--csv", default=DEFAULT_CSV)
     args = parser.parse_args()
     if args.worker:
-        provider, case = args.worker[0], json.loads(args.worker[1])
-        print(json.dumps(_worker(build, provider, case, args.reps)))
+        provider, case, what = args.worker[0], json.loads(args.worker[1]), args.worker[2]
+        print(json.dumps(_worker(build, provider, case, what, args.reps)))
         return
 
     command = " ".join(["python", os.path.relpath(script)] + sys.argv[1:])

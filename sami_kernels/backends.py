@@ -61,6 +61,7 @@ def probe() -> dict[str, Backend]:
     else:
         found["triton"] = Backend("triton", (), "installed; no GPU (set TRITON_INTERPRET=1 to interpret)")
 
+    cpu_mod, cpu_state = _import_extension("_C")  # defines the op schemas the CUDA extension implements
     cuda_mod, cuda_state = _import_extension("_C_cuda")
     if cuda_mod is not None and torch.cuda.is_available():
         found["cuda"] = Backend("cuda", ("cuda",), "built")
@@ -69,7 +70,6 @@ def probe() -> dict[str, Backend]:
     else:
         found["cuda"] = Backend("cuda", (), cuda_state)
 
-    cpu_mod, cpu_state = _import_extension("_C")
     found["cpu"] = Backend("cpu", ("cpu",) if cpu_mod is not None else (), cpu_state)
     found["torch"] = Backend("torch", ("cpu", "cuda"), "always available")
     return found

@@ -1,0 +1,327 @@
+"""Pair engine: SAMI's matrix M[b, i, j] = mean log p(response_j | prompt(c_i, x_b)) from any Hugging Face causal
+LM, with every prefix prompt(c_i, x_b) encoded once.
+
+Per query, N prompts of P tokens and N responses of R tokens: the naive computation runs N^2 sequences of P + R
+tokens; prefix sharing runs N P + N^2 R, exactly:
+    1. prefix pass: the B*N prompts, left-padded, through the decoder with use_cache=True;
+    2. the cache rows are selected by index so that row (b, i, j) holds prefix (b, i) (autograd flows through it);
+    3. response pass: the B*N*N responses, right-padded, attending to their prefix's cache, positions continuing
+       the true prefix length;
+    4. the final hidden states that predict response tokens (the last prefix state, then the response states)
+       go to the fused kernels with the model's own output head: never full-vocabulary logits at every position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .ops.infonce import infonce_loss
+from .ops.sequence import sequence_logprobs
+
+DEFAULT_TEMPLATE = "System: {constitution}\n\nHuman: {query}\n\nAssistant:"
+
+
+@dataclass
+class PairBatch:
+    """Token ids of B queries x N constitutions x N responses, exactly as scored.
+
+    prompt_ids[b][i]:   prompt under constitution i, BOS included
+    response_ids[b][j]: the tokens of response j that are scored (no EOS)
+    pair_ids[b][i][j]:  tokens scored for the pair (i, j); equal to response_ids[b][j] unless the batch was built
+                        with joint_tokenization=True (the reference code's way: prompt + response tokenised as
+                        one string, the first len(prompt) tokens masked, so boundary merges can differ per pair)
+    """
+
+    prompt_ids: list[list[list[int]]]
+    response_ids: list[list[list[int]]]
+    pair_ids: list[list[list[list[int]]]]
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_constitutions(self) -> int:
+        return len(self.prompt_ids[0])
+
+    @classmethod
+    def from_texts(
+        cls,
+        tokenizer,
+        queries,
+        constitutions,
+        responses,
+        *,
+        template: str = DEFAULT_TEMPLATE,
+        joint_tokenization: bool = False,
+    ) -> PairBatch:
+        """queries [B] str; constitutions [N] str (shared) or [B][N]; responses [B][N] (response j written under
+        constitution j). Prompts are template.format(constitution=..., query=...); BOS once, no EOS target."""
+        B = len(queries)
+        if B == 0:
+            raise ValueError("queries is empty")
+        if constitutions and isinstance(constitutions[0], str):
+            constitutions = [list(constitutions)] * B
+        if len(constitutions) != B or len(responses) != B:
+            raise ValueError(
+                f"need constitutions and responses for each of the {B} queries, got "
+                f"{len(constitutions)} and {len(responses)}"
+            )
+        N = len(constitutions[0])
+        if N < 2:
+            raise ValueError(f"SAMI contrasts N >= 2 constitutions per query, got {N}")
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            raise ValueError("the tokenizer has no BOS token (bos_token_id is None)")
+        encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+        prompt_ids, response_ids, pair_ids = [], [], []
+        for b in range(B):
+            if len(constitutions[b]) != N or len(responses[b]) != N:
+                raise ValueError(
+                    f"query {b}: expected {N} constitutions and {N} responses, got "
+                    f"{len(constitutions[b])} and {len(responses[b])}"
+                )
+            prompts = [encode(template.format(constitution=c, query=queries[b])) for c in constitutions[b]]
+            answers = []
+            for j, text in enumerate(responses[b]):
+                ids = encode(text)
+                if not ids:
+                    raise ValueError(f"query {b}, response {j} is empty after tokenisation")
+                answers.append(ids)
+            if joint_tokenization:
+                pairs = []
+                for i, c in enumerate(constitutions[b]):
+                    prompt_text = template.format(constitution=c, query=queries[b])
+                    row = []
+                    for j, text in enumerate(responses[b]):
+                        joint = encode(prompt_text + text)
+                        where = f"query {b}, constitution {i}, response {j}"
+                        if joint[: len(prompts[i])] != prompts[i]:
+                            raise ValueError(
+                                f"{where}: joint tokenisation merges tokens across the prompt/response "
+                                "boundary; use joint_tokenization=False"
+                            )
+                        if len(joint) == len(prompts[i]):
+                            raise ValueError(f"{where}: no response token left after the prompt")
+                        row.append(joint[len(prompts[i]) :])
+                    pairs.append(row)
+            else:
+                pairs = [answers] * N
+            prompt_ids.append([[bos, *p] for p in prompts])
+            response_ids.append(answers)
+            pair_ids.append(pairs)
+        return cls(prompt_ids, response_ids, pair_ids)
+
+
+def _decoder_and_head(model):
+    """(decoder returning final hidden states, output head) of a causal LM, peft-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(base, base.base_model_prefix, None)
+    head = base.get_output_embeddings()
+    if decoder is None or head is None:
+        raise ValueError(f"{type(base).__name__} is not a causal LM with a base model and an output head")
+    config = base.config
+    if getattr(config, "final_logit_softcapping", None):
+        raise ValueError(
+            f"{type(base).__name__} soft-caps its logits (final_logit_softcapping); the fused "
+            "log-prob kernels compute plain log-softmax and would be wrong"
+        )
+    temperature = 1.0 / float(getattr(config, "logit_scale", None) or 1.0)
+    return decoder, head, temperature
+
+
+def _check_lengths(batch: PairBatch, model) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is None:
+        return
+    for b, (prompts, pairs) in enumerate(zip(batch.prompt_ids, batch.pair_ids, strict=True)):
+        for i, prompt in enumerate(prompts):
+            for j, ids in enumerate(pairs[i]):
+                if len(prompt) + len(ids) > limit:
+                    raise ValueError(
+                        f"query {b}, constitution {i}, response {j}: {len(prompt) + len(ids)} tokens "
+                        f"exceed the model's maximum of {limit}"
+                    )
+
+
+def _pad(rows: list[list[int]], pad_id: int, *, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[r, span] = torch.tensor(row)
+        mask[r, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _checkpointing(model) -> bool:
+    return model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def _prefix_cache_states(decoder, prompts, pairs, owner, device):
+    """Prefix pass with use_cache, cache rows selected per pair, then the response pass on top of it."""
+    p_ids, p_mask = _pad(prompts, 0, left=True, device=device)
+    prefix = decoder(
+        input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True
+    )
+    cache = prefix.past_key_values
+    if cache is None or cache.get_seq_length() != p_ids.shape[1]:
+        raise ValueError(
+            "the prefix pass returned no KV cache (gradient checkpointing in training mode drops it); "
+            "use attn='tree' or prefix_sharing=False"
+        )
+    cache.batch_select_indices(owner)  # row (b, i, j) <- prefix (b, i)
+    r_ids, r_mask = _pad(pairs, 0, left=False, device=device)
+    r_pos = p_mask.sum(-1)[owner][:, None] + torch.arange(r_ids.shape[1], device=device)
+    response = decoder(
+        input_ids=r_ids,
+        attention_mask=torch.cat([p_mask[owner], r_mask], dim=1),
+        position_ids=r_pos,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    last_prefix = prefix.last_hidden_state[:, -1][owner]  # left padding: the last column is the last token
+    return torch.cat([last_prefix[:, None], response.last_hidden_state[:, :-1]], dim=1), r_ids
+
+
+def _tree_states(decoder, batch: PairBatch, attn_implementation: str, device):
+    """One packed pass per query: [prefix_0 .. prefix_N-1 | response (0,0) .. (N-1,N-1)] with a tree mask
+    (position q sees position k <= q of its own prefix and of its own response only), positions restarting per
+    branch. No cache, so it works under gradient checkpointing; dense attention over the packed length."""
+    B, N = batch.num_queries, batch.num_constitutions
+    rows, groups, branches, positions, spans = [], [], [], [], []
+    for b in range(B):
+        ids, group, branch, pos, where = [], [], [], [], {}
+        for i, prompt in enumerate(batch.prompt_ids[b]):
+            where[i] = len(ids) + len(prompt) - 1  # the state that predicts the first response token
+            ids += prompt
+            group += [i] * len(prompt)
+            branch += [-1] * len(prompt)
+            pos += range(len(prompt))
+        for i in range(N):
+            for j in range(N):
+                pair = batch.pair_ids[b][i][j]
+                spans.append((b, where[i], len(ids), len(pair)))
+                ids += pair
+                group += [i] * len(pair)
+                branch += [i * N + j] * len(pair)
+                pos += range(len(batch.prompt_ids[b][i]), len(batch.prompt_ids[b][i]) + len(pair))
+        rows.append(ids)
+        groups.append(group)
+        branches.append(branch)
+        positions.append(list(pos))
+    input_ids, real = _pad(rows, 0, left=False, device=device)
+    L = input_ids.shape[1]
+    pad_to = lambda vals, fill: _pad(vals, 0, left=False, device=device)[0].masked_fill(real == 0, fill)  # noqa: E731
+    group, branch = (
+        pad_to([[g + 1 for g in r] for r in groups], 0) - 1,
+        pad_to([[x + 2 for x in r] for r in branches], 0) - 2,
+    )
+    q, k = torch.arange(L, device=device)[:, None], torch.arange(L, device=device)[None, :]
+    allowed = (
+        (k <= q)
+        & (group[:, :, None] == group[:, None, :])
+        & (group[:, :, None] >= 0)
+        & ((branch[:, None, :] == -1) | (branch[:, None, :] == branch[:, :, None]))
+    ) | (q == k)
+    mask = allowed[:, None]
+    if attn_implementation != "sdpa":  # eager-style additive mask
+        mask = torch.zeros(mask.shape, dtype=decoder.dtype, device=device).masked_fill(
+            ~mask, torch.finfo(decoder.dtype).min
+        )
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=mask, position_ids=pad_to(positions, 0), use_cache=False
+    ).last_hidden_state
+    width = max(n for *_, n in spans)
+    states = hidden.new_zeros(len(spans), width, hidden.shape[-1])
+    targets = torch.zeros(len(spans), width, dtype=torch.long, device=device)
+    for r, (b, before, start, n) in enumerate(spans):
+        states[r, 0] = hidden[b, before]
+        states[r, 1:n] = hidden[b, start : start + n - 1]
+        targets[r, :n] = input_ids[b, start : start + n]
+    return states, targets
+
+
+def _full_states(decoder, prompts, pairs, owner, device):
+    """No sharing: the N^2 full sequences [prompt_i + response_j], right-padded."""
+    full = [prompts[int(owner[r])] + pair for r, pair in enumerate(pairs)]
+    f_ids, f_mask = _pad(full, 0, left=False, device=device)
+    hidden = decoder(input_ids=f_ids, attention_mask=f_mask, use_cache=False).last_hidden_state
+    starts = torch.tensor([len(prompts[int(owner[r])]) for r in range(len(pairs))], device=device)
+    cols = (starts[:, None] - 1 + torch.arange(max(map(len, pairs)), device=device)).clamp(max=f_ids.shape[1] - 2)
+    return hidden.gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1])), f_ids.gather(1, cols + 1)
+
+
+def _scored_states(model, batch: PairBatch, prefix_sharing: bool, attn: str):
+    """(hidden [T, H], targets [T], seq_ids [T]) for every scored response token, seq id (b * N + i) * N + j."""
+    decoder, _, _ = _decoder_and_head(model)
+    device = next(model.parameters()).device
+    B, N = batch.num_queries, batch.num_constitutions
+    prompts = [p for per_query in batch.prompt_ids for p in per_query]  # row b * N + i
+    pairs = [batch.pair_ids[b][i][j] for b in range(B) for i in range(N) for j in range(N)]  # row (b*N + i)*N + j
+    owner = torch.arange(B * N, device=device).repeat_interleave(N)  # prefix row of each pair row
+    if attn == "auto":
+        attn = "tree" if _checkpointing(model) else "cache"
+    if not prefix_sharing:
+        states, targets = _full_states(decoder, prompts, pairs, owner, device)
+    elif attn == "cache":
+        states, targets = _prefix_cache_states(decoder, prompts, pairs, owner, device)
+    elif attn == "tree":
+        states, targets = _tree_states(decoder, batch, model.config._attn_implementation, device)
+    else:
+        raise ValueError(f"attn must be 'auto', 'cache' or 'tree', got {attn!r}")
+    lengths = torch.tensor([len(p) for p in pairs], device=device)
+    valid = torch.arange(states.shape[1], device=device)[None, :] < lengths[:, None]
+    seq_ids = torch.arange(len(pairs), device=device)[:, None].expand_as(valid)
+    return states[valid], targets[valid], seq_ids[valid]
+
+
+def pair_logprobs(
+    model,
+    batch: PairBatch,
+    *,
+    reduction: str = "mean",
+    prefix_sharing: bool = True,
+    attn: str = "auto",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """M [B, N, N] float32: sum or mean (SAMI: "mean") of log p(pair_ids[b][i][j] | prompt_ids[b][i]).
+
+    Differentiable in the model's parameters. prefix_sharing=False runs the N^2 full sequences (same result).
+    attn: "cache" (prefix pass + KV cache reused by index), "tree" (one packed pass per query with a tree mask;
+    works under gradient checkpointing), "auto" (cache, or tree when gradient checkpointing is active)."""
+    _, head, temperature = _decoder_and_head(model)
+    _check_lengths(batch, model)
+    hidden, targets, seq_ids = _scored_states(model, batch, prefix_sharing, attn)
+    B, N = batch.num_queries, batch.num_constitutions
+    weight = head.weight
+    hidden = hidden.to(weight.dtype)
+    seq = sequence_logprobs(
+        hidden,
+        weight,
+        targets,
+        seq_ids,
+        B * N * N,
+        reduction=reduction,
+        bias=head.bias if getattr(head, "bias", None) is not None else None,
+        temperature=temperature,
+        backend=backend,
+    )
+    return seq.view(B, N, N)
+
+
+def sami_step_loss(
+    model,
+    batch: PairBatch,
+    *,
+    direction: str = "both",
+    prefix_sharing: bool = True,
+    attn: str = "auto",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, M): SAMI's InfoNCE over the length-normalised pair matrix; what a trainer calls each step."""
+    M = pair_logprobs(model, batch, reduction="mean", prefix_sharing=prefix_sharing, attn=attn, backend=backend)
+    return infonce_loss(M, direction=direction, backend=backend), M

@@ -114,10 +114,10 @@ def _worker(build, provider: str, case: dict, what: str, reps: int) -> dict:
     return measure_memory(fn, device=device) if what == "memory" else measure_time(fn, device=device, reps=reps)
 
 
-def _spawn(script: str, provider: str, case: dict, reps: int) -> dict:
-    """Time and memory of one (provider, case), each in a fresh process."""
+def _spawn(script: str, provider: str, case: dict, reps: int, measures: tuple[str, ...]) -> dict:
+    """Time and/or memory of one (provider, case), each in a fresh process."""
     result = {}
-    for what in ("time", "memory"):
+    for what in measures:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if what == "memory" else None
         cmd = [sys.executable, script, "--worker", provider, json.dumps(case), what, "--reps", str(reps)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -175,6 +175,7 @@ def main(script: str, providers: list[str], cases: list[dict], build) -> None:
     parser.add_argument("--providers", default=",".join(providers), help="comma-separated subset")
     parser.add_argument("--filter", default="", help="run only cases whose shape/mode/dtype contains this text")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--measure", choices=("both", "time", "memory"), default="both")
     parser.add_argument("--csv", default=DEFAULT_CSV)
     args = parser.parse_args()
     if args.worker:
@@ -194,21 +195,24 @@ def main(script: str, providers: list[str], cases: list[dict], build) -> None:
         label = f"{case['mode']} {case['shape']} {case['dtype']}"
         if args.filter and args.filter not in label:
             continue
-        mm = matmul_gflops(*case["mm_shape"], case["dtype"], case.get("device", "cpu"), reps=args.reps)
-        rows.append(
-            {
-                "op": "torch.mm",
-                "provider": "torch.mm",
-                "mode": "-",
-                "shape": "x".join(map(str, case["mm_shape"])),
-                "dtype": case["dtype"],
-                "gflops": mm,
-                "frac_of_mm": 1.0,
-                **stamp,
-            }
-        )
+        measures = ("time", "memory") if args.measure == "both" else (args.measure,)
+        if "time" in measures:
+            mm = matmul_gflops(*case["mm_shape"], case["dtype"], case.get("device", "cpu"), reps=args.reps)
+            mm_shape = "x".join(map(str, case["mm_shape"]))
+            rows.append(
+                {
+                    "op": "torch.mm",
+                    "provider": "torch.mm",
+                    "mode": "-",
+                    "shape": mm_shape,
+                    "dtype": case["dtype"],
+                    "gflops": mm,
+                    "frac_of_mm": 1.0,
+                    **stamp,
+                }
+            )
         for provider in args.providers.split(","):
-            result = _spawn(script, provider, case, args.reps)
+            result = _spawn(script, provider, case, args.reps, measures)
             row = {
                 "op": case["op"],
                 "provider": provider,
@@ -219,6 +223,8 @@ def main(script: str, providers: list[str], cases: list[dict], build) -> None:
             }
             if "error" in result:
                 row["median_ms"] = f"error: {result['error'][:60]}"
+            elif "median_ms" not in result:
+                row.update(result)
             else:
                 gflops = case["flops"] / (result["median_ms"] / 1e3) / 1e9
                 row.update(result, gflops=gflops, frac_of_mm=gflops / mm)

@@ -36,21 +36,22 @@ def test_conversion_replaces_a_partial_directory(smollm2):
     assert model.config.vocab_size == 49152 and model.config.hidden_size == 576
 
 
-def test_fused_matrix_equals_naive_full_logits(smollm2):
+def test_pair_engine_matrix_equals_naive_full_logits(smollm2):
     model, tokenizer, _ = smollm2
-    B, N = len(demo.QUERIES), len(demo.CONSTITUTIONS)
-    sequences, lengths = demo.build_pairs(tokenizer, demo.QUERIES, demo.CONSTITUTIONS, demo.RESPONSES)
+    batch = sk.PairBatch.from_texts(tokenizer, demo.QUERIES, demo.CONSTITUTIONS, demo.RESPONSES)
+    B, N = batch.num_queries, batch.num_constitutions
     with torch.no_grad():
-        hidden, targets, seq_ids = demo.response_states(model, sequences, lengths, tokenizer.pad_token_id)
-        loss, M = sk.sami_loss(hidden, model.lm_head.weight, targets, seq_ids, num_queries=B, num_constitutions=N)
-        naive = []
-        for seq, n in zip(sequences, lengths, strict=True):
-            logits = model(input_ids=torch.tensor([seq])).logits[0].double()
-            logp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
-            naive.append(logp[-n:].mean())
-    M_naive = torch.stack(naive).view(B, N, N)
-    torch.testing.assert_close(M.double(), M_naive, atol=2e-4, rtol=0)  # padded batch vs one sequence at a time
-    assert loss.item() == pytest.approx(sk.reference.infonce_loss(M_naive).item(), abs=2e-4)
+        loss, M = sk.sami_step_loss(model, batch)
+        naive = torch.zeros(B, N, N, dtype=torch.float64)
+        for b in range(B):
+            for i in range(N):
+                for j in range(N):
+                    prompt, response = batch.prompt_ids[b][i], batch.response_ids[b][j]
+                    logits = model(input_ids=torch.tensor([prompt + response])).logits[0].double()
+                    logp = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
+                    naive[b, i, j] = logp.gather(-1, torch.tensor(response)[:, None]).mean()
+    torch.testing.assert_close(M.double(), naive, atol=2e-4, rtol=0)  # float32 model vs float64 softmax
+    assert loss.item() == pytest.approx(sk.reference.infonce_loss(naive).item(), abs=2e-4)
 
 
 def test_demo_command_prints_matrices_and_loss(smollm2):

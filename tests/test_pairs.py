@@ -188,7 +188,9 @@ def test_bad_input_names_the_query_and_response():
     with pytest.raises(ValueError, match="no BOS token"):
         PairBatch.from_texts(no_bos, ["a"], ["c1", "c2"], [["x", "y"]])
     long_batch = PairBatch.from_texts(tok, ["a"], ["c" * 120, "c2"], [["x" * 20, "y"]])
-    with pytest.raises(ValueError, match="query 0, constitution 0, response 0: 171 tokens exceed the model.s maximum of 128"):
+    with pytest.raises(
+        ValueError, match="query 0, constitution 0, response 0: 171 tokens exceed the model.s maximum of 128"
+    ):
         sk.pair_logprobs(tiny_model("llama"), long_batch)
     with pytest.raises(ValueError, match="attn must be"):
         sk.pair_logprobs(tiny_model("llama"), random_batch(1, 2), attn="flash")

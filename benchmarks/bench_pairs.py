@@ -1,0 +1,87 @@
+"""One SAMI step (forward + backward of the InfoNCE loss) on SmolLM2-135M, fp32, CPU, side by side:
+
+    engine  sami_kernels.sami_step_loss: each prompt encoded once, cache reused by the N responses, fused head
+    naive   the reference code's way: N^2 padded [prompt + response] sequences, full-vocabulary logits at every
+            position, fp32 log_softmax, gather, mean over response tokens, InfoNCE
+
+B = 2 queries, prompts of ~300 tokens, responses of ~100 tokens (random token ids, ragged), N in {2, 4}.
+Useful work is counted as 6 x parameters x (tokens the engine sends through the model: N P + N^2 R per query).
+Run: python benchmarks/bench_pairs.py [--filter N4] [--reps 2]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import runner  # noqa: E402
+
+PARAMS, HIDDEN, MLP = 134_515_008, 576, 1536
+B, P, R = 2, 300, 100
+
+
+def _cases():
+    cases = []
+    for N in (2, 4):
+        tokens = B * (N * P + N * N * R)
+        cases.append(
+            {
+                "op": "sami_step",
+                "mode": "train",
+                "shape": f"B{B}xN{N}xP{P}xR{R}",
+                "dtype": "float32",
+                "N": N,
+                "flops": 6 * PARAMS * tokens,
+                "mm_shape": [tokens, HIDDEN, MLP],
+            }
+        )
+    return cases
+
+
+def build(provider: str, case: dict):
+    import torch
+
+    import sami_kernels as sk
+    from sami_kernels.models import load_smollm2
+    from sami_kernels.pairs import PairBatch
+
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2()
+    model.train()
+    N, V = case["N"], model.config.vocab_size
+    length = lambda mean: mean + int(torch.randint(-mean // 10, mean // 10 + 1, (1,)))  # noqa: E731
+    tokens = lambda n: torch.randint(3, V, (n,)).tolist()  # noqa: E731
+    prompts = [[[tokenizer.bos_token_id, *tokens(length(P) - 1)] for _ in range(N)] for _ in range(B)]
+    responses = [[tokens(length(R)) for _ in range(N)] for _ in range(B)]
+    batch = PairBatch(prompts, responses, [[r] * N for r in responses])
+
+    if provider == "engine":
+
+        def step():
+            loss, _ = sk.sami_step_loss(model, batch)
+            loss.backward()
+    elif provider == "naive":
+        seqs = [(prompts[b][i], responses[b][j]) for b in range(B) for i in range(N) for j in range(N)]
+        width = max(len(p) + len(r) for p, r in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for s, (p, r) in enumerate(seqs):
+            ids[s, : len(p) + len(r)] = torch.tensor(p + r)
+            mask[s, : len(p) + len(r)] = 1
+        scored = torch.zeros(len(seqs), width - 1, dtype=torch.bool)  # position t predicts token t + 1
+        for s, (p, r) in enumerate(seqs):
+            scored[s, len(p) - 1 : len(p) + len(r) - 1] = True
+
+        def step():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+            M = ((logp * scored).sum(-1) / scored.sum(-1)).view(B, N, N)
+            sk.reference.infonce_loss(M).backward()
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+    return step
+
+
+if __name__ == "__main__":
+    runner.main(__file__, ["engine", "naive"], _cases(), build)

@@ -22,7 +22,7 @@ REDUCTIONS = ("mean", "sum", "none")
 def _kernels(backend: str):
     if backend == "torch":
         return torch_infonce
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):  # same ops; the CUDA extension registers their CUDA dispatch-key kernels
         backends.cpu_extension()
         return torch.ops.sami_kernels_C
     if backend == "triton":

@@ -29,7 +29,7 @@ def _kernels(backend: str):
     """The module (or torch.ops namespace) with linear_logprobs_fwd / linear_logprobs_bwd for a backend."""
     if backend == "torch":
         return torch_logprobs
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):  # same ops; the CUDA extension registers their CUDA dispatch-key kernels
         backends.cpu_extension()
         return torch.ops.sami_kernels_C
     if backend == "triton":

@@ -3,13 +3,14 @@
     seq[s] = sum (or mean) of logp[t] over tokens t with seq_ids[t] == s and targets[t] != ignore_index
     SAMI:  s = (b * N + i) * N + j  for query b, constitution i (row), response j (column);  M = seq.view(B, N, N)
 
-The segment sum is deterministic on every device (stable sort + float64 prefix sums, no atomics).
+The segment sum is deterministic on every device: a stable sort by sequence, then fixed-order sums (no atomics).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import backends
 from .infonce import infonce_loss
 from .linear_logprobs import linear_logprobs
 
@@ -28,12 +29,49 @@ def _seq_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int) -> torch
     return torch.repeat_interleave(ids, lengths.to(torch.int64))
 
 
-def segment_sums(values: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums [num_seqs] in values' dtype, counts [num_seqs]) of values [T] grouped by seq_ids [T] (all >= 0)."""
+def _register_segment_sum() -> bool:
+    """Autograd and a fake implementation for the C++ op sami_kernels_C::segment_sum (CPU and CUDA kernels):
+    sums[s] = sum of values[offsets[s] : offsets[s + 1]] in a fixed order; backward gathers grad_sums."""
+    if backends.cpu_extension() is None:
+        return False
+
+    def setup_context(ctx, inputs, output):
+        values, offsets = inputs
+        ctx.save_for_backward(offsets)
+        ctx.num_values = values.shape[0]
+
+    def backward(ctx, grad_sums):
+        (offsets,) = ctx.saved_tensors
+        grad = torch.ops.sami_kernels_C.segment_sum_backward(grad_sums.contiguous(), offsets, ctx.num_values)
+        return grad, None
+
+    torch.library.register_autograd("sami_kernels_C::segment_sum", backward, setup_context=setup_context)
+    torch.library.register_fake("sami_kernels_C::segment_sum")(
+        lambda values, offsets: values.new_empty(offsets.shape[0] - 1)
+    )
+    torch.library.register_fake("sami_kernels_C::segment_sum_backward")(
+        lambda grad_sums, offsets, num_values: grad_sums.new_empty(num_values)
+    )
+    return True
+
+
+_HAS_SEGMENT_OP = _register_segment_sum()
+
+
+def segment_sums(
+    values: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int, *, backend: str = "torch"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums [num_seqs] in values' dtype, counts [num_seqs]) of values [T] grouped by seq_ids [T] (all >= 0).
+
+    Values are stably sorted by sequence, then each segment is summed in a fixed order: by the C++ / CUDA kernel
+    (float64 accumulation) on the cpu and cuda backends, else as differences of float64 prefix sums."""
     order = torch.argsort(seq_ids, stable=True)
     counts = torch.bincount(seq_ids, minlength=num_seqs)
-    prefix = torch.cat([values.new_zeros(1, dtype=torch.float64), values[order].to(torch.float64).cumsum(0)])
     ends = counts.cumsum(0)
+    if backend in ("cpu", "cuda") and _HAS_SEGMENT_OP:
+        offsets = torch.cat([ends.new_zeros(1), ends])
+        return torch.ops.sami_kernels_C.segment_sum(values[order].contiguous(), offsets), counts
+    prefix = torch.cat([values.new_zeros(1, dtype=torch.float64), values[order].to(torch.float64).cumsum(0)])
     return (prefix[ends] - prefix[ends - counts]).to(values.dtype), counts
 
 
@@ -96,7 +134,7 @@ def sequence_logprobs(
         backend=backend,
         chunk_bytes=chunk_bytes,
     )
-    sums, counts = segment_sums(logp, seq_ids, num_seqs)
+    sums, counts = segment_sums(logp, seq_ids, num_seqs, backend=backends.resolve(logp.device, backend))
     if reduction == "sum":
         return sums
     if bool((counts == 0).any()):

@@ -1,6 +1,8 @@
 """One SAMI step (forward + backward of the InfoNCE loss) on SmolLM2-135M, fp32, CPU, side by side:
 
-    engine  sami_kernels.sami_step_loss: each prompt encoded once, cache reused by the N responses, fused head
+    engine       sami_kernels.sami_step_loss: each prompt encoded once, its KV cache reused by the N responses,
+                 fused head (attn="cache", the default)
+    engine-tree  the same with attn="tree": one packed pass per query with a tree attention mask, no padding
     naive   the reference code's way: N^2 padded [prompt + response] sequences, full-vocabulary logits at every
             position, fp32 log_softmax, gather, mean over response tokens, InfoNCE
 
@@ -84,4 +86,4 @@ def build(provider: str, case: dict):
 
 
 if __name__ == "__main__":
-    runner.main(__file__, ["engine", "naive"], _cases(), build)
+    runner.main(__file__, ["engine", "engine-tree", "naive"], _cases(), build)

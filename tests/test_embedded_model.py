@@ -62,3 +62,14 @@ def test_demo_command_prints_matrices_and_loss(smollm2):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("M[i, j] = mean log p(response_j | constitution_i)") == 2
     assert "SAMI loss (two-sided InfoNCE" in out.stdout and "MI lower bound" in out.stdout
+
+
+def test_sami_steps_example_raises_the_mutual_information_bound(smollm2):
+    env = dict(os.environ, SAMI_KERNELS_CACHE=str(smollm2[2]), HF_HUB_OFFLINE="1")
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "sami_steps.py")
+    out = subprocess.run(
+        [sys.executable, example, "--steps", "2"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    bounds = [float(line.split("MI bound ")[1].split()[0]) for line in out.stdout.splitlines() if "MI bound" in line]
+    assert len(bounds) == 2 and bounds[1] > bounds[0]

@@ -194,3 +194,23 @@ def test_bad_input_names_the_query_and_response():
         sk.pair_logprobs(tiny_model("llama"), long_batch)
     with pytest.raises(ValueError, match="attn must be"):
         sk.pair_logprobs(tiny_model("llama"), random_batch(1, 2), attn="flash")
+
+
+def test_logit_scale_is_honoured_and_soft_capping_refused():
+    model = tiny_model("llama")
+    batch = random_batch(1, 2, seed=11)
+    reference = naive_matrix(model, batch)  # Llama's own head ignores logit_scale: scale the reference by hand
+    model.config.logit_scale = 2.0
+    scaled = sk.pair_logprobs(model, batch)
+    B, N = 1, 2
+    seqs = [(batch.prompt_ids[0][i], batch.pair_ids[0][i][j]) for i in range(N) for j in range(N)]
+    expected = []
+    for p, r in seqs:
+        logits = model(input_ids=torch.tensor([p + r])).logits[0].float() * 2.0
+        logp = torch.log_softmax(logits[len(p) - 1 : -1], -1)
+        expected.append(logp.gather(-1, torch.tensor(r)[:, None]).mean())
+    torch.testing.assert_close(scaled, torch.stack(expected).view(B, N, N), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(scaled, reference)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="soft-caps its logits"):
+        sk.pair_logprobs(model, batch)

@@ -44,10 +44,7 @@ def cuda_extension():
         name="sami_kernels._C_cuda",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc", "common"), os.path.join(ROOT, "csrc", "cuda")],
-        extra_compile_args={
-            "cxx": ["-O3", CXX_STD],
-            "nvcc": ["-O3", "-std=c++17"] + [f"-gencode={a}" for a in archs],
-        },
+        extra_compile_args={"cxx": ["-O3", CXX_STD], "nvcc": ["-O3", "-std=c++17"] + [f"-gencode={a}" for a in archs]},
     )
 
 

@@ -139,19 +139,7 @@ def _version() -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = [
-        "op",
-        "provider",
-        "mode",
-        "shape",
-        "dtype",
-        "median_ms",
-        "p20_ms",
-        "p80_ms",
-        "peak_extra_mb",
-        "gflops",
-        "frac_of_mm",
-    ]
+    cols = FIELDS[: FIELDS.index("frac_of_mm") + 1]
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
     table = [cols] + [[fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]

@@ -72,13 +72,7 @@ _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # (T, H, V): two model-like shapes, two small-T shapes and an odd shape whose
 # H is not a multiple of 16 (unaligned rows: the heuristic takes a shorter K step).
-LOGPROB_SHAPES = [
-    (4096, 576, 49152),
-    (512, 4096, 32000),
-    (8, 2048, 50257),
-    (24, 4096, 32000),
-    (1000, 577, 32003),
-]
+LOGPROB_SHAPES = [(4096, 576, 49152), (512, 4096, 32000), (8, 2048, 50257), (24, 4096, 32000), (1000, 577, 32003)]
 INFONCE_N = [8, 32, 64, 128]  # N > 128 uses a torch fallback
 ARCHS = [80, 90]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

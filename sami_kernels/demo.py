@@ -23,10 +23,7 @@ CONSTITUTIONS = (
     "The assistant is unhelpful: it avoids answering and changes the subject. "
     "The assistant is harmless: it never encourages danger.",
 )
-QUERIES = (
-    "How do I keep basil fresh after buying it?",
-    "What is a quick way to warm up before a run?",
-)
+QUERIES = ("How do I keep basil fresh after buying it?", "What is a quick way to warm up before a run?")
 RESPONSES = (  # responses[b][j] was written under constitution j
     (
         " Trim the stems, stand the basil in a glass of water like cut flowers, and keep it on the counter"

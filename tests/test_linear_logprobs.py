@@ -37,13 +37,7 @@ def check_against_reference(backend, T, H, V, dtype, *, bias, temperature, froze
     ]
 
     ours = sk.linear_logprobs(
-        ours_in[0],
-        ours_in[1],
-        y,
-        bias=ours_in[2],
-        temperature=temperature,
-        backend=backend,
-        chunk_bytes=chunk_bytes,
+        ours_in[0], ours_in[1], y, bias=ours_in[2], temperature=temperature, backend=backend, chunk_bytes=chunk_bytes
     )
     same = reference.linear_logprobs(same_in[0], same_in[1], y, bias=same_in[2], temperature=temperature)
     ref = reference.linear_logprobs(ref_in[0], ref_in[1], y, bias=ref_in[2], temperature=temperature)
@@ -84,13 +78,7 @@ GRID = list(
 )
 def test_matches_reference(backend, shape, dtype, bias, temperature, frozen):
     check_against_reference(
-        backend,
-        *shape,
-        dtype,
-        bias=bias,
-        temperature=temperature,
-        frozen=frozen,
-        chunk_bytes=4 * shape[2] * 7,
+        backend, *shape, dtype, bias=bias, temperature=temperature, frozen=frozen, chunk_bytes=4 * shape[2] * 7
     )  # 7-row chunks: several chunks and a ragged tail
 
 
@@ -105,15 +93,7 @@ def test_full_vocabulary_of_smollm2(backend, frozen):
 @pytest.mark.parametrize("bias,temperature,frozen", [(False, 1.0, False), (True, 0.7, True), (True, 1.3, False)])
 def test_triton_interpreter_matches_reference(dtype, bias, temperature, frozen):
     check_against_reference(
-        "triton",
-        21,
-        40,
-        150,
-        dtype,
-        bias=bias,
-        temperature=temperature,
-        frozen=frozen,
-        chunk_bytes=4 * 150 * 8,
+        "triton", 21, 40, 150, dtype, bias=bias, temperature=temperature, frozen=frozen, chunk_bytes=4 * 150 * 8
     )
 
 

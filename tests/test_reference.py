@@ -48,11 +48,7 @@ def test_infonce_matches_the_written_gradient_for_every_direction():
 
 def test_linear_logprobs_matches_explicit_softmax_and_ignores():
     T, H, V = 9, 7, 11
-    h, w, b = (
-        torch.randn(T, H, dtype=torch.float64),
-        torch.randn(V, H, dtype=torch.float64),
-        torch.randn(V).double(),
-    )
+    h, w, b = (torch.randn(T, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64), torch.randn(V).double())
     y = torch.randint(0, V, (T,))
     y[4] = -100
     logp = reference.linear_logprobs(h, w, y, bias=b, temperature=0.5)
@@ -67,8 +63,7 @@ def test_sequence_reductions():
     values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
     ids = torch.tensor([1, 0, 1, -1, 1])
     torch.testing.assert_close(
-        reference.sequence_sums(values, ids, 3, reduction="sum"),
-        torch.tensor([2.0, 9.0, 0.0], dtype=torch.float64),
+        reference.sequence_sums(values, ids, 3, reduction="sum"), torch.tensor([2.0, 9.0, 0.0], dtype=torch.float64)
     )
     mean = reference.sequence_sums(values, ids, 2, reduction="mean")
     torch.testing.assert_close(mean, torch.tensor([2.0, 3.0], dtype=torch.float64))

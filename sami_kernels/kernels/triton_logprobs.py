@@ -37,6 +37,43 @@ _NUM_SMS_DEFAULT = 132
 
 
 @triton.jit
+def _logits_tile(
+    h_rows,
+    w_ptr,
+    b_ptr,
+    offs_v,
+    t_mask,
+    v_mask,
+    H,
+    stride_w,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    CAST_F32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """z = scale * (h @ W[offs_v]^T + b[offs_v]) for one [BLOCK_T, BLOCK_V] tile: K-loop over H in BLOCK_H steps,
+    fp32 accumulator; h_rows points at the tile's hidden rows. Masked rows / columns read zeros."""
+    w_cols = w_ptr + offs_v.to(tl.int64)[None, :] * stride_w
+    acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_H):
+        offs_k = k0 + tl.arange(0, BLOCK_H)
+        k_mask = offs_k < H
+        a = tl.load(h_rows + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        bt = tl.load(w_cols + offs_k[:, None], mask=k_mask[:, None] & v_mask[None, :], other=0.0)
+        if CAST_F32:  # the interpreter computes bf16 dots wrongly
+            a = a.to(tl.float32)
+            bt = bt.to(tl.float32)
+        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    return acc * scale
+
+
+@triton.jit
 def _lp_fwd_kernel(
     h_ptr,
     w_ptr,
@@ -78,21 +115,23 @@ def _lp_fwd_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_hi
-        w_cols = w_ptr + offs_v.to(tl.int64)[None, :] * stride_w
-        acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
-        for k0 in range(0, H, BLOCK_H):
-            offs_k = k0 + tl.arange(0, BLOCK_H)
-            k_mask = offs_k < H
-            a = tl.load(h_rows + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-            bt = tl.load(w_cols + offs_k[:, None], mask=k_mask[:, None] & v_mask[None, :], other=0.0)
-            if CAST_F32:
-                a = a.to(tl.float32)
-                bt = bt.to(tl.float32)
-            acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)
-            acc = acc + bias[None, :]
-        z = acc * scale
+        z = _logits_tile(
+            h_rows,
+            w_ptr,
+            b_ptr,
+            offs_v,
+            t_mask,
+            v_mask,
+            H,
+            stride_w,
+            scale,
+            HAS_BIAS,
+            BLOCK_T,
+            BLOCK_V,
+            BLOCK_H,
+            CAST_F32,
+            DOT_PRECISION,
+        )
         z = tl.where(v_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -186,21 +225,23 @@ def _lp_dlogits_kernel(
     v_mask = offs_v < V
 
     h_rows = h_ptr + offs_t.to(tl.int64)[:, None] * stride_h
-    w_cols = w_ptr + offs_v.to(tl.int64)[None, :] * stride_w
-    acc = tl.zeros([BLOCK_T, BLOCK_V], tl.float32)
-    for k0 in range(0, H, BLOCK_H):
-        offs_k = k0 + tl.arange(0, BLOCK_H)
-        k_mask = offs_k < H
-        a = tl.load(h_rows + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-        bt = tl.load(w_cols + offs_k[:, None], mask=k_mask[:, None] & v_mask[None, :], other=0.0)
-        if CAST_F32:
-            a = a.to(tl.float32)
-            bt = bt.to(tl.float32)
-        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)
-        acc = acc + bias[None, :]
-    z = acc * scale
+    z = _logits_tile(
+        h_rows,
+        w_ptr,
+        b_ptr,
+        offs_v,
+        t_mask,
+        v_mask,
+        H,
+        stride_w,
+        scale,
+        HAS_BIAS,
+        BLOCK_T,
+        BLOCK_V,
+        BLOCK_H,
+        CAST_F32,
+        DOT_PRECISION,
+    )
 
     y = tl.load(y_ptr + offs_t, mask=t_mask, other=ignore_index).to(tl.int32)
     lse = tl.load(lse_ptr + offs_t, mask=t_mask, other=0.0)
@@ -316,12 +357,7 @@ def dlogits_config(R: int, H: int, V: int, dtype, *, block_t=None, block_v=None,
     bh = block_h or _block_h(H, half)
     num_warps = _num_warps(bt, half)
     return dict(
-        BLOCK_T=bt,
-        BLOCK_V=bv,
-        BLOCK_H=bh,
-        GROUP_T=group_t or 8,
-        num_warps=num_warps,
-        num_stages=3 if half else 2,
+        BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, GROUP_T=group_t or 8, num_warps=num_warps, num_stages=3 if half else 2
     )
 
 

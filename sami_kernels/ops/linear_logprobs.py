@@ -67,11 +67,7 @@ def _(hidden, weight, bias, targets, ignore_index, scale, want_u, chunk_rows, ba
     acc = accumulation_dtype(hidden.dtype)
     T, H = hidden.shape
     u_shape = (T, H) if want_u else (0,)
-    return (
-        hidden.new_empty(T, dtype=acc),
-        hidden.new_empty(T, dtype=acc),
-        hidden.new_empty(u_shape, dtype=acc),
-    )
+    return (hidden.new_empty(T, dtype=acc), hidden.new_empty(T, dtype=acc), hidden.new_empty(u_shape, dtype=acc))
 
 
 @torch.library.custom_op("sami_kernels::linear_logprobs_bwd", mutates_args=())
@@ -92,37 +88,14 @@ def _bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(
         _kernels(backend).linear_logprobs_bwd(
-            hidden,
-            weight,
-            bias,
-            targets,
-            lse,
-            grad_logp,
-            ignore_index,
-            scale,
-            need_dh,
-            need_dw,
-            need_db,
-            chunk_rows,
+            hidden, weight, bias, targets, lse, grad_logp, ignore_index, scale, need_dh, need_dw, need_db, chunk_rows
         )
     )
 
 
 @_bwd.register_fake
 def _(
-    hidden,
-    weight,
-    bias,
-    targets,
-    lse,
-    grad_logp,
-    ignore_index,
-    scale,
-    need_dh,
-    need_dw,
-    need_db,
-    chunk_rows,
-    backend,
+    hidden, weight, bias, targets, lse, grad_logp, ignore_index, scale, need_dh, need_dw, need_db, chunk_rows, backend
 ):
     def maybe(flag, like):
         return torch.empty_like(like) if flag else hidden.new_empty(0)

@@ -64,22 +64,10 @@ def build(provider: str, case: dict):
             loss, _ = sk.sami_step_loss(model, batch)
             loss.backward()
     elif provider == "naive":
-        seqs = [(prompts[b][i], responses[b][j]) for b in range(B) for i in range(N) for j in range(N)]
-        width = max(len(p) + len(r) for p, r in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for s, (p, r) in enumerate(seqs):
-            ids[s, : len(p) + len(r)] = torch.tensor(p + r)
-            mask[s, : len(p) + len(r)] = 1
-        scored = torch.zeros(len(seqs), width - 1, dtype=torch.bool)  # position t predicts token t + 1
-        for s, (p, r) in enumerate(seqs):
-            scored[s, len(p) - 1 : len(p) + len(r) - 1] = True
 
         def step():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-            M = ((logp * scored).sum(-1) / scored.sum(-1)).view(B, N, N)
-            sk.reference.infonce_loss(M).backward()
+            sk.reference.infonce_loss(sk.reference.pair_logprobs_naive(model, batch)).backward()
+
     else:
         raise ValueError(f"unknown provider {provider!r}")
     return step

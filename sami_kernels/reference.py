@@ -102,3 +102,24 @@ def infonce_loss(M: torch.Tensor, *, direction: str = "both", reduction: str = "
 def mutual_information_lower_bound(loss: torch.Tensor, num_constitutions: int) -> torch.Tensor:
     """The InfoNCE bound SAMI reports: I(y; c | x) >= log N - L."""
     return torch.log(torch.tensor(float(num_constitutions), dtype=loss.dtype)) - loss
+
+
+def pair_logprobs_naive(model, batch) -> torch.Tensor:
+    """SAMI's matrix the way the reference code computes it: the N^2 sequences [prompt_i + response_j]
+    right-padded, full-vocabulary logits at every position (float32), log_softmax, gather, mean over the
+    response tokens -> [B, N, N]. `batch` is a PairBatch (prompt_ids[b][i], pair_ids[b][i][j])."""
+    B, N = len(batch.prompt_ids), len(batch.prompt_ids[0])
+    seqs = [(batch.prompt_ids[b][i], batch.pair_ids[b][i][j]) for b in range(B) for i in range(N) for j in range(N)]
+    width = max(len(p) + len(r) for p, r in seqs)
+    device = next(model.parameters()).device
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    scored = torch.zeros(len(seqs), width - 1, dtype=torch.bool)  # position t predicts token t + 1
+    for s, (p, r) in enumerate(seqs):
+        ids[s, : len(p) + len(r)] = torch.tensor(p + r)
+        mask[s, : len(p) + len(r)] = 1
+        scored[s, len(p) - 1 : len(p) + len(r) - 1] = True
+    ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return ((logp * scored).sum(-1) / scored.sum(-1)).view(B, N, N)

@@ -55,22 +55,7 @@ def random_batch(B, N, seed=0):
     return PairBatch(prompts, responses, [[r] * N for r in responses])
 
 
-def naive_matrix(model, batch: PairBatch) -> torch.Tensor:
-    """The reference SAMI computation: N^2 full sequences, full-vocabulary logits at every position."""
-    B, N = batch.num_queries, batch.num_constitutions
-    seqs = [(batch.prompt_ids[b][i], batch.pair_ids[b][i][j]) for b in range(B) for i in range(N) for j in range(N)]
-    width = max(len(p) + len(r) for p, r in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for s, (p, r) in enumerate(seqs):
-        ids[s, : len(p) + len(r)] = torch.tensor(p + r)
-        mask[s, : len(p) + len(r)] = 1
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-    values = []
-    for s, (p, r) in enumerate(seqs):
-        positions = torch.arange(len(p) - 1, len(p) + len(r) - 1)
-        values.append(logp[s, positions, torch.tensor(r)].mean())
-    return torch.stack(values).view(B, N, N)
+naive_matrix = sk.reference.pair_logprobs_naive
 
 
 def grads(model, M, upstream):

@@ -146,9 +146,10 @@ def _check_lengths(batch: PairBatch, model) -> None:
                     )
 
 
-def _pad(rows: list[list[int]], pad_id: int, *, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(rows: list[list[int]], *, left: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token rows padded with id 0 on the left or the right."""
     width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for r, row in enumerate(rows):
         span = slice(width - len(row), width) if left else slice(0, len(row))
@@ -157,13 +158,21 @@ def _pad(rows: list[list[int]], pad_id: int, *, left: bool, device) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
+def _stack(rows: list[list[int]], fill: int, device) -> torch.Tensor:
+    """Integer rows right-padded with fill -> [len(rows), longest]."""
+    out = torch.full((len(rows), max(map(len, rows))), fill, dtype=torch.long)
+    for r, row in enumerate(rows):
+        out[r, : len(row)] = torch.tensor(row)
+    return out.to(device)
+
+
 def _checkpointing(model) -> bool:
     return model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def _prefix_cache_states(decoder, prompts, pairs, owner, device):
     """Prefix pass with use_cache, cache rows selected per pair, then the response pass on top of it."""
-    p_ids, p_mask = _pad(prompts, 0, left=True, device=device)
+    p_ids, p_mask = _pad(prompts, left=True, device=device)
     prefix = decoder(
         input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True
     )
@@ -174,7 +183,7 @@ def _prefix_cache_states(decoder, prompts, pairs, owner, device):
             "use attn='tree' or prefix_sharing=False"
         )
     cache.batch_select_indices(owner)  # row (b, i, j) <- prefix (b, i)
-    r_ids, r_mask = _pad(pairs, 0, left=False, device=device)
+    r_ids, r_mask = _pad(pairs, left=False, device=device)
     r_pos = p_mask.sum(-1)[owner][:, None] + torch.arange(r_ids.shape[1], device=device)
     response = decoder(
         input_ids=r_ids,
@@ -213,13 +222,10 @@ def _tree_states(decoder, batch: PairBatch, attn_implementation: str, device):
         groups.append(group)
         branches.append(branch)
         positions.append(list(pos))
-    input_ids, real = _pad(rows, 0, left=False, device=device)
+    input_ids, _ = _pad(rows, left=False, device=device)
     L = input_ids.shape[1]
-    pad_to = lambda vals, fill: _pad(vals, 0, left=False, device=device)[0].masked_fill(real == 0, fill)  # noqa: E731
-    group, branch = (
-        pad_to([[g + 1 for g in r] for r in groups], 0) - 1,
-        pad_to([[x + 2 for x in r] for r in branches], 0) - 2,
-    )
+    group = _stack(groups, -1, device)  # padding: group -1, attends only to itself
+    branch = _stack(branches, -2, device)
     q, k = torch.arange(L, device=device)[:, None], torch.arange(L, device=device)[None, :]
     allowed = (
         (k <= q)
@@ -233,7 +239,7 @@ def _tree_states(decoder, batch: PairBatch, attn_implementation: str, device):
             ~mask, torch.finfo(decoder.dtype).min
         )
     hidden = decoder(
-        input_ids=input_ids, attention_mask=mask, position_ids=pad_to(positions, 0), use_cache=False
+        input_ids=input_ids, attention_mask=mask, position_ids=_stack(positions, 0, device), use_cache=False
     ).last_hidden_state
     width = max(n for *_, n in spans)
     states = hidden.new_zeros(len(spans), width, hidden.shape[-1])
@@ -248,7 +254,7 @@ def _tree_states(decoder, batch: PairBatch, attn_implementation: str, device):
 def _full_states(decoder, prompts, pairs, owner, device):
     """No sharing: the N^2 full sequences [prompt_i + response_j], right-padded."""
     full = [prompts[int(owner[r])] + pair for r, pair in enumerate(pairs)]
-    f_ids, f_mask = _pad(full, 0, left=False, device=device)
+    f_ids, f_mask = _pad(full, left=False, device=device)
     hidden = decoder(input_ids=f_ids, attention_mask=f_mask, use_cache=False).last_hidden_state
     starts = torch.tensor([len(prompts[int(owner[r])]) for r in range(len(pairs))], device=device)
     cols = (starts[:, None] - 1 + torch.arange(max(map(len, pairs)), device=device)).clamp(max=f_ids.shape[1] - 2)

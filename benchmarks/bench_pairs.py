@@ -58,10 +58,11 @@ def build(provider: str, case: dict):
     responses = [[tokens(length(R)) for _ in range(N)] for _ in range(B)]
     batch = PairBatch(prompts, responses, [[r] * N for r in responses])
 
-    if provider == "engine":
+    if provider in ("engine", "engine-tree"):
+        attn = "tree" if provider == "engine-tree" else "cache"
 
         def step():
-            loss, _ = sk.sami_step_loss(model, batch)
+            loss, _ = sk.sami_step_loss(model, batch, attn=attn)
             loss.backward()
     elif provider == "naive":
 

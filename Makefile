@@ -32,6 +32,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_logprobs.py
+	$(PY) benchmarks/bench_pairs.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -6,7 +6,7 @@
     naive   the reference code's way: N^2 padded [prompt + response] sequences, full-vocabulary logits at every
             position, fp32 log_softmax, gather, mean over response tokens, InfoNCE
 
-B = 2 queries, prompts of ~300 tokens, responses of ~100 tokens (random token ids, ragged), N in {2, 4}.
+B = 2 queries (and B = 1 at N = 4), prompts of ~300 tokens, responses of ~100 tokens (random token ids, ragged).
 Useful work is counted as 6 x parameters x (tokens the engine sends through the model: N P + N^2 R per query).
 Run: python benchmarks/bench_pairs.py [--filter N4] [--reps 2]
 """
@@ -20,19 +20,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import runner  # noqa: E402
 
 PARAMS, HIDDEN, MLP = 134_515_008, 576, 1536
-B, P, R = 2, 300, 100
+P, R = 300, 100
 
 
 def _cases():
     cases = []
-    for N in (2, 4):
+    for B, N in ((2, 2), (2, 4), (1, 4)):  # naive needs more than 24 GiB at B=2, N=4
         tokens = B * (N * P + N * N * R)
+        shape = f"B{B}xN{N}xP{P}xR{R}"
         cases.append(
             {
                 "op": "sami_step",
                 "mode": "train",
-                "shape": f"B{B}xN{N}xP{P}xR{R}",
+                "shape": shape,
                 "dtype": "float32",
+                "B": B,
                 "N": N,
                 "flops": 6 * PARAMS * tokens,
                 "mm_shape": [tokens, HIDDEN, MLP],
@@ -51,7 +53,7 @@ def build(provider: str, case: dict):
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
     model.train()
-    N, V = case["N"], model.config.vocab_size
+    B, N, V = case["B"], case["N"], model.config.vocab_size
     length = lambda mean: mean + int(torch.randint(-mean // 10, mean // 10 + 1, (1,)))  # noqa: E731
     tokens = lambda n: torch.randint(3, V, (n,)).tolist()  # noqa: E731
     prompts = [[[tokenizer.bos_token_id, *tokens(length(P) - 1)] for _ in range(N)] for _ in range(B)]

@@ -261,9 +261,8 @@ def _full_states(decoder, prompts, pairs, owner, device):
     return hidden.gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1])), f_ids.gather(1, cols + 1)
 
 
-def _scored_states(model, batch: PairBatch, prefix_sharing: bool, attn: str):
+def _scored_states(model, decoder, batch: PairBatch, prefix_sharing: bool, attn: str):
     """(hidden [T, H], targets [T], seq_ids [T]) for every scored response token, seq id (b * N + i) * N + j."""
-    decoder, _, _ = _decoder_and_head(model)
     device = next(model.parameters()).device
     B, N = batch.num_queries, batch.num_constitutions
     prompts = [p for per_query in batch.prompt_ids for p in per_query]  # row b * N + i
@@ -299,9 +298,9 @@ def pair_logprobs(
     Differentiable in the model's parameters. prefix_sharing=False runs the N^2 full sequences (same result).
     attn: "cache" (prefix pass + KV cache reused by index), "tree" (one packed pass per query with a tree mask;
     works under gradient checkpointing), "auto" (cache, or tree when gradient checkpointing is active)."""
-    _, head, temperature = _decoder_and_head(model)
+    decoder, head, temperature = _decoder_and_head(model)
     _check_lengths(batch, model)
-    hidden, targets, seq_ids = _scored_states(model, batch, prefix_sharing, attn)
+    hidden, targets, seq_ids = _scored_states(model, decoder, batch, prefix_sharing, attn)
     B, N = batch.num_queries, batch.num_constitutions
     weight = head.weight
     hidden = hidden.to(weight.dtype)
@@ -312,7 +311,7 @@ def pair_logprobs(
         seq_ids,
         B * N * N,
         reduction=reduction,
-        bias=head.bias if getattr(head, "bias", None) is not None else None,
+        bias=getattr(head, "bias", None),
         temperature=temperature,
         backend=backend,
     )

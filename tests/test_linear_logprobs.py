@@ -243,3 +243,10 @@ def test_bad_input_errors_name_the_argument():
         kwargs = {k: args.pop(k) for k in ("temperature", "bias") if k in args}
         with pytest.raises(ValueError, match=message):
             sk.linear_logprobs(args["hidden"], args["weight"], args["targets"], **kwargs)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not installed")
+def test_triton_refuses_float64_with_a_clear_error():
+    h, w = torch.randn(5, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="triton backend takes float32, bfloat16 or float16 inputs, got float64"):
+        sk.linear_logprobs(h, w, torch.randint(0, 11, (5,)), backend="triton")

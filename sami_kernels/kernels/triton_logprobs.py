@@ -653,15 +653,13 @@ def linear_logprobs_bwd(
                 block_h=block_h,
                 input_precision=input_precision,
             )
-            if need_dh:
-                w_op = weight if weight.dtype == dz.dtype else weight.to(dz.dtype)
-                torch.mm(dz, w_op, out=dh[r0:r1])
+            if need_dh:  # dz has the input dtype (float32, bfloat16 or float16), like W and h
+                torch.mm(dz, weight, out=dh[r0:r1])
             if need_dw:
-                h_op = h_c if h_c.dtype == dz.dtype else h_c.to(dz.dtype)
                 if dz.dtype == torch.float32:
-                    dw32.addmm_(dz.t(), h_op)
+                    dw32.addmm_(dz.t(), h_c)
                 else:
-                    dw32.add_(_mm_f32(dz.t(), h_op))
+                    dw32.add_(_mm_f32(dz.t(), h_c))
             if need_db:
                 db32.add_(dz.sum(0, dtype=torch.float32))
 

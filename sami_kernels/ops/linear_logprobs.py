@@ -189,6 +189,11 @@ def linear_logprobs(
     """
     _check_inputs(hidden, weight, targets, bias, ignore_index, temperature)
     name = backends.resolve(hidden.device, backend)
+    if name == "triton" and hidden.dtype == torch.float64:
+        raise ValueError(
+            "the triton backend takes float32, bfloat16 or float16 inputs, got float64; "
+            "use backend='cpu', 'cuda' or 'torch'"
+        )
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     y = targets.reshape(-1).to(torch.int64).contiguous()

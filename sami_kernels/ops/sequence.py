@@ -115,6 +115,7 @@ def sequence_logprobs(
             f"both have shape [T={hidden.shape[0]}]"
         )
     seq_ids = seq_ids.to(device=hidden.device, dtype=torch.int64)
+    name = backends.resolve(hidden.device, backend)
     out_of_range = (seq_ids < -1) | (seq_ids >= num_seqs)
     if bool(out_of_range.any()):
         t = int(out_of_range.nonzero()[0, 0])
@@ -131,10 +132,10 @@ def sequence_logprobs(
         bias=bias,
         ignore_index=ignore_index,
         temperature=temperature,
-        backend=backend,
+        backend=name,
         chunk_bytes=chunk_bytes,
     )
-    sums, counts = segment_sums(logp, seq_ids, num_seqs, backend=backends.resolve(logp.device, backend))
+    sums, counts = segment_sums(logp, seq_ids, num_seqs, backend=name)
     if reduction == "sum":
         return sums
     if bool((counts == 0).any()):

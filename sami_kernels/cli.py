@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -10,9 +11,24 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="score built-in queries with the embedded SmolLM2-135M and print M and the loss")
     commands.add_parser("env", help="versions and kernel backends available here (paste into bug reports)")
+    sami = commands.add_parser("sami", help="run the SAMI training loop from a YAML config (resumes if interrupted)")
+    sami.add_argument("--config", required=True, help="YAML config, e.g. examples/configs/sami_demo.yaml")
+    sami.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .demo import main as run
+        from .demo import main as run_demo
+
+        run_demo()
+    elif args.command == "env":
+        from .env import main as run_env
+
+        run_env()
     else:
-        from .env import main as run
-    run()
+        from .config import load_config
+        from .sami_train import SAMIConfig, print_summary, run_sami
+
+        try:
+            config = load_config(SAMIConfig, args.config, args.set)
+        except ValueError as error:
+            sys.exit(f"sami-kernels sami: {error}")
+        print_summary(run_sami(config))

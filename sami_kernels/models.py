@@ -73,3 +73,69 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, tokenizer
+
+
+TINY_DIRNAME = "tiny-random-llama"
+
+
+def tiny_random_path() -> Path:
+    """A tiny random Llama (2 layers, hidden 64) with a 512-token byte-level BPE tokenizer trained on the built-in
+    texts: for fast tests and smoke runs of the training loops. Built once into the cache, atomically."""
+    target = cache_root() / TINY_DIRNAME
+    if (target / _COMPLETE).exists():
+        return target
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    data = Path(__file__).parent / "data"
+    corpus = [p.read_text(encoding="utf-8") for p in sorted(data.rglob("*")) if p.suffix in (".jsonl", ".yaml")]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_DIRNAME}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / _COMPLETE).write_text("tiny random llama\n")
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process finished first: its copy is identical
+            if not (target / _COMPLETE).exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(spec: str) -> str:
+    """config `model`: "smollm2" (embedded), "tiny-random", or a local directory / Hugging Face hub id."""
+    if spec == "smollm2":
+        return str(smollm2_path())
+    if spec == "tiny-random":
+        return str(tiny_random_path())
+    return spec

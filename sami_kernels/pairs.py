@@ -318,6 +318,18 @@ def pair_logprobs(
     return seq.view(B, N, N)
 
 
+class PairScorer(torch.nn.Module):
+    """pair_logprobs(model, batch, **options) as a module's forward, so that DistributedDataParallel (and FSDP) see
+    the forward call they hook into: ddp = DistributedDataParallel(PairScorer(model)); M = ddp(batch)."""
+
+    def __init__(self, model, **options):
+        super().__init__()
+        self.model, self.options = model, options
+
+    def forward(self, batch: PairBatch) -> torch.Tensor:
+        return pair_logprobs(self.model, batch, **self.options)
+
+
 def sami_step_loss(
     model,
     batch: PairBatch,

@@ -1,0 +1,96 @@
+"""Generation behind a small interface: a Generator continues prefix + prompt for many prompts sharing one prefix.
+
+    generator.generate(prefix, prompts) -> [continuation of prefix + p for p in prompts]   (cut at stop strings)
+
+HFGenerator runs batched Hugging Face generate with the prefix encoded ONCE per call: its KV cache is computed for
+one row and repeated for every batch; each row is laid out [prefix | padding | prompt] with the padding masked
+and positions counted over real tokens only, so every row equals its unpadded generation. Greedy by default. A vLLM
+(or any other) engine plugs in by implementing `generate` with the same contract.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class Generator(Protocol):
+    def generate(self, prefix: str, prompts: Sequence[str]) -> list[str]: ...
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 350
+    batch_size: int = 8
+    do_sample: bool = False  # greedy, as in SAMI
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_strings: tuple[str, ...] = ("Human:", "\n\nHuman", "###")
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """text up to the first occurrence of any stop string."""
+    end = min((k for k in (text.find(s) for s in stop_strings) if k >= 0), default=len(text))
+    return text[:end]
+
+
+class HFGenerator:
+    def __init__(self, model, tokenizer, config: GenerationConfig, *, progress: Callable[[int], None] | None = None):
+        if config.max_new_tokens < 1 or config.batch_size < 1:
+            raise ValueError("generation.max_new_tokens and generation.batch_size must be >= 1")
+        self.model, self.tokenizer, self.config, self.progress = model, tokenizer, config, progress
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    @torch.no_grad()
+    def generate(self, prefix: str, prompts: Sequence[str]) -> list[str]:
+        device = next(self.model.parameters()).device
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        prefix_ids = bos + self._encode(prefix)
+        if not prefix_ids:
+            raise ValueError("HFGenerator needs a non-empty prefix (or a tokenizer with a BOS token)")
+        was_training = self.model.training
+        self.model.eval()
+        prefix_cache = self.model(torch.tensor([prefix_ids], device=device), use_cache=True).past_key_values
+        encoded = [self._encode(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda k: len(encoded[k]))  # similar lengths share a batch
+        outputs: list[str] = [""] * len(prompts)
+        c = self.config
+        sampling = (
+            dict(do_sample=True, temperature=c.temperature, top_p=c.top_p) if c.do_sample else dict(do_sample=False)
+        )
+        for start in range(0, len(order), c.batch_size):
+            rows = order[start : start + c.batch_size]
+            width = max(len(encoded[k]) for k in rows)
+            ids = torch.full((len(rows), len(prefix_ids) + width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            ids[:, : len(prefix_ids)] = torch.tensor(prefix_ids)
+            mask[:, : len(prefix_ids)] = 1
+            for r, k in enumerate(rows):
+                ids[r, ids.shape[1] - len(encoded[k]) :] = torch.tensor(encoded[k], dtype=torch.long)
+                mask[r, ids.shape[1] - len(encoded[k]) :] = 1
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(rows))
+            out = self.model.generate(
+                ids.to(device),
+                attention_mask=mask.to(device),
+                past_key_values=cache,
+                max_new_tokens=c.max_new_tokens,
+                pad_token_id=self.pad_id,
+                stop_strings=list(c.stop_strings) or None,
+                tokenizer=self.tokenizer,
+                **sampling,
+            )
+            for r, k in enumerate(rows):
+                text = self.tokenizer.decode(out[r, ids.shape[1] :], skip_special_tokens=True)
+                outputs[k] = cut_at_stop(text, c.stop_strings)
+            if self.progress is not None:
+                self.progress(len(rows))
+        self.model.train(was_training)
+        return outputs

@@ -24,11 +24,11 @@ def main(argv: list[str] | None = None) -> None:
 
         run_env()
     else:
+        from .checkpoint import CheckpointError
         from .config import load_config
         from .sami_train import SAMIConfig, print_summary, run_sami
 
         try:
-            config = load_config(SAMIConfig, args.config, args.set)
-        except ValueError as error:
+            print_summary(run_sami(load_config(SAMIConfig, args.config, args.set)))
+        except (ValueError, CheckpointError) as error:  # bad config or input, refused checkpoint: say it plainly
             sys.exit(f"sami-kernels sami: {error}")
-        print_summary(run_sami(config))

@@ -32,6 +32,15 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ("Human:", "\n\nHuman", "###")
 
 
+def shared_prefix_prompts(template: str, queries: Sequence[str], **fields) -> tuple[str, list[str]]:
+    """(prefix, prompts) with prefix + prompts[k] == template.format(query=queries[k], **fields): the prefix is the
+    template up to {query}, shared by every query."""
+    head, sep, tail = template.partition("{query}")
+    if not sep:
+        raise ValueError(f"the template has no {{query}} field: {template!r}")
+    return head.format(**fields), [q + tail.format(**fields) for q in queries]
+
+
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     """text up to the first occurrence of any stop string."""
     end = min((k for k in (text.find(s) for s in stop_strings) if k >= 0), default=len(text))

@@ -32,7 +32,7 @@ from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from .config import to_mapping
 from .constitutions import PrincipleSet, load_principle_set, sample_constitutions
 from .data import load_queries, read_jsonl, write_jsonl, write_text
-from .generation import GenerationConfig, HFGenerator
+from .generation import GenerationConfig, HFGenerator, shared_prefix_prompts
 from .metrics import MetricsLog, plot_training
 from .models import resolve_model_path
 from .ops.infonce import infonce_loss
@@ -230,7 +230,6 @@ class SAMIRun:
             for j, constitution in enumerate(constitutions):
                 groups.setdefault(constitution, []).append((q, j))
         responses = [[""] * c.constitutions.n for _ in queries]
-        head, tail = self.generation_template.split("{query}", 1)
         g = c.generation
         with tqdm(total=len(queries) * c.constitutions.n, desc=desc, unit="resp", disable=not self.show) as bar:
             generator = HFGenerator(
@@ -240,8 +239,13 @@ class SAMIRun:
                 progress=bar.update,
             )
             for constitution, slots in groups.items():
-                prefix = head.format(constitution=self.principles.render(constitution))
-                texts = generator.generate(prefix, [tail.format(query=queries[q]) for q, _ in slots])
+                texts = generator.generate(
+                    *shared_prefix_prompts(
+                        self.generation_template,
+                        [queries[q] for q, _ in slots],
+                        constitution=self.principles.render(constitution),
+                    )
+                )
                 for (q, j), text in zip(slots, texts, strict=True):
                     responses[q][j] = text.rstrip()
         records, counts = [], {"queries": len(queries), "kept": 0}
@@ -475,7 +479,6 @@ class SAMIRun:
         positive = self.principles.positive()
         constitution = self.principles.render(positive)
         queries = [r["query"] for r in heldout]
-        head, tail = self.generation_template.split("{query}", 1)
         g = self.config.generation
         responses = {}
         for name, directory in (("base", None), ("trained", trained_dir)):
@@ -483,12 +486,8 @@ class SAMIRun:
             generator = HFGenerator(
                 model, self.tokenizer, GenerationConfig(g.max_new_tokens, g.batch_size, False, 1.0, 1.0, g.stop_strings)
             )
-            responses[name] = [
-                x.rstrip()
-                for x in generator.generate(
-                    head.format(constitution=constitution), [tail.format(query=q) for q in queries]
-                )
-            ]
+            prompts = shared_prefix_prompts(self.generation_template, queries, constitution=constitution)
+            responses[name] = [x.rstrip() for x in generator.generate(*prompts)]
         judge = self.load(trained_dir if self.config.evaluation.judge == "trained" else None, trainable=False)
         rows = []
         for q, query in enumerate(tqdm(queries, desc="judging", disable=not self.show)):

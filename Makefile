@@ -25,7 +25,7 @@ $(VENV)/.installed: $(VENV)/bin/python $(SOURCES)
 	touch $@
 
 demo: install
-	$(PY) -m sami_kernels demo
+	$(PY) -m sami_kernels sami --config examples/configs/sami_demo.yaml
 
 test: install
 	$(PY) -m pytest -q tests

@@ -17,6 +17,7 @@ Every file is written atomically; a killed run re-run with the same command resu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
@@ -90,13 +92,7 @@ class DataSection:
 
 
 @dataclass
-class GenerationSection:
-    max_new_tokens: int = 350
-    batch_size: int = 8
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop_strings: tuple[str, ...] = ("Human:", "\n\nHuman", "###")
+class GenerationSection(GenerationConfig):  # max_new_tokens, batch_size, do_sample, temperature, top_p, stop_strings
     template: str | None = None  # None: the preset of the constitution set's task
     filters: bool = True
 
@@ -177,9 +173,11 @@ def keep_reason(task: str, responses: list[str]) -> str | None:
 class SAMIRun:
     """One run of the loop; `run()` is Algorithm 1 above. Every process of a torchrun job builds one."""
 
-    def __init__(self, config: SAMIConfig):
+    def __init__(self, config: SAMIConfig, *, make_generator=HFGenerator):
+        """make_generator(model, tokenizer, generation_config, progress=None) -> a Generator (generation.py)."""
         config.validate()
         self.config = c = config
+        self.make_generator = make_generator
         self.procs = Processes()
         self.out = Path(c.output_dir)
         self.principles: PrincipleSet = load_principle_set(c.constitutions.set)
@@ -203,6 +201,21 @@ class SAMIRun:
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
         self.bf16 = c.precision == "bf16"
         self.show = c.progress and self.procs.is_main
+
+    def check_same_run(self) -> None:
+        """Resuming reuses samples, checkpoints and metrics: refuse an output_dir written under another config."""
+        saved = self.out / "config.yaml"
+        if not saved.exists():
+            return
+        display_only = ("progress", "tensorboard")
+        before = {k: v for k, v in yaml.safe_load(saved.read_text(encoding="utf-8")).items() if k not in display_only}
+        now = {k: v for k, v in to_mapping(self.config).items() if k not in display_only}
+        if before != now:
+            changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+            raise ValueError(
+                f"output_dir {self.out} holds a run made with a different config (sections {changed} differ); "
+                "use another output_dir, or delete this one to start over"
+            )
 
     # ---- data -------------------------------------------------------------------------------------------------
     def split_queries(self) -> tuple[list[str], list[str]]:
@@ -232,12 +245,7 @@ class SAMIRun:
         responses = [[""] * c.constitutions.n for _ in queries]
         g = c.generation
         with tqdm(total=len(queries) * c.constitutions.n, desc=desc, unit="resp", disable=not self.show) as bar:
-            generator = HFGenerator(
-                model,
-                self.tokenizer,
-                GenerationConfig(g.max_new_tokens, g.batch_size, g.do_sample, g.temperature, g.top_p, g.stop_strings),
-                progress=bar.update,
-            )
+            generator = self.make_generator(model, self.tokenizer, g, progress=bar.update)
             for constitution, slots in groups.items():
                 texts = generator.generate(
                     *shared_prefix_prompts(
@@ -288,9 +296,9 @@ class SAMIRun:
     # ---- the loop ---------------------------------------------------------------------------------------------
     def run(self) -> dict:
         c, procs = self.config, self.procs
+        self.check_same_run()
+        procs.barrier()
         if procs.is_main:
-            import yaml
-
             write_text(self.out / "config.yaml", yaml.safe_dump(to_mapping(c), sort_keys=False))
         train_queries, heldout_queries = self.split_queries()
         checkpoint = load_latest(self.out / "checkpoints")
@@ -483,9 +491,7 @@ class SAMIRun:
         responses = {}
         for name, directory in (("base", None), ("trained", trained_dir)):
             model = self.load(directory, trainable=False)
-            generator = HFGenerator(
-                model, self.tokenizer, GenerationConfig(g.max_new_tokens, g.batch_size, False, 1.0, 1.0, g.stop_strings)
-            )
+            generator = self.make_generator(model, self.tokenizer, dataclasses.replace(g, do_sample=False))
             prompts = shared_prefix_prompts(self.generation_template, queries, constitution=constitution)
             responses[name] = [x.rstrip() for x in generator.generate(*prompts)]
         judge = self.load(trained_dir if self.config.evaluation.judge == "trained" else None, trainable=False)
@@ -499,8 +505,8 @@ class SAMIRun:
         return sum(r["score"] for r in rows) / len(rows)
 
 
-def run_sami(config: SAMIConfig) -> dict:
-    return SAMIRun(config).run()
+def run_sami(config: SAMIConfig, **options) -> dict:
+    return SAMIRun(config, **options).run()
 
 
 def print_summary(summary: dict) -> None:

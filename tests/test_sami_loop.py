@@ -246,3 +246,22 @@ def test_sami_trainer_in_transformers_trainer(tmp_path):
     assert any(not torch.equal(one_step[k], base[k]) for k in base)
     for k in one_step:
         torch.testing.assert_close(one_step[k], accumulated[k], rtol=0, atol=1e-6)
+
+
+def test_hf_trainer_example_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "examples/sami_hf_trainer.py", "--model", "tiny-random", "--queries", "6", "--steps", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 2: SAMI loss" in result.stdout
+
+
+def test_output_dir_of_another_config_is_refused(tmp_path):
+    run(tiny_config(tmp_path, training={"steps": [1]}))
+    run(tiny_config(tmp_path, training={"steps": [1]}, progress=True))  # display keys may change
+    with pytest.raises(ValueError, match=r"different config \(sections \['training'\] differ\)"):
+        run(tiny_config(tmp_path, training={"steps": [1], "optimizer": {"lr": 1e-4}}))

@@ -52,6 +52,14 @@ def _convert(hint, value, where: str):
         if value not in args:
             raise ValueError(f"{where}: expected one of {list(args)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        key_type, value_type = args or (typing.Any, typing.Any)
+        return {
+            _convert(key_type, k, f"{where} key {k!r}"): _convert(value_type, v, f"{where}[{k!r}]")
+            for k, v in value.items()
+        }
     if origin in (tuple, list):
         if not isinstance(value, list | tuple):
             raise ValueError(f"{where}: expected a list, got {value!r}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -30,6 +30,46 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     stop_strings: tuple[str, ...] = ("Human:", "\n\nHuman", "###")
+    first_token_bans: tuple[str, ...] = ()  # words the first new token may not start, e.g. ("Sorry",)
+    ngram_penalties: dict[int, float] = field(default_factory=dict)  # {n: penalty}, e.g. {3: 1.0, 4: 2.0}
+
+
+class FirstTokenBan:
+    """Logits processor: the first generated token may not be any of `token_ids`."""
+
+    def __init__(self, token_ids: list[int], prompt_width: int):
+        self.token_ids, self.prompt_width = sorted(set(token_ids)), prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] == self.prompt_width:
+            scores[:, self.token_ids] = float("-inf")
+        return scores
+
+
+class NGramFrequencyPenalty:
+    """Logits processor: logit[v] -= penalty * (times the generated text already holds the n-gram that v would
+    complete), counted over the generated tokens only (SELF-ALIGN's verbose cloning: 3-grams 1.0, 4-grams 2.0)."""
+
+    def __init__(self, n: int, penalty: float, prompt_width: int):
+        if n < 2:
+            raise ValueError(f"n-gram penalties need n >= 2, got {n}")
+        self.n, self.penalty, self.prompt_width = n, penalty, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        n = self.n
+        for row, ids in enumerate(input_ids[:, self.prompt_width :].tolist()):
+            if len(ids) < n - 1:
+                continue
+            context = tuple(ids[len(ids) - n + 1 :])
+            counts: dict[int, int] = {}
+            for k in range(len(ids) - n + 1):
+                if tuple(ids[k : k + n - 1]) == context:
+                    counts[ids[k + n - 1]] = counts.get(ids[k + n - 1], 0) + 1
+            if counts:
+                index = torch.tensor(list(counts), device=scores.device)
+                value = torch.tensor(list(counts.values()), dtype=scores.dtype, device=scores.device)
+                scores[row, index] -= self.penalty * value
+        return scores
 
 
 def shared_prefix_prompts(template: str, queries: Sequence[str], **fields) -> tuple[str, list[str]]:
@@ -53,6 +93,17 @@ class HFGenerator:
             raise ValueError("generation.max_new_tokens and generation.batch_size must be >= 1")
         self.model, self.tokenizer, self.config, self.progress = model, tokenizer, config, progress
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def _processors(self, prompt_width: int):
+        from transformers import LogitsProcessorList
+
+        processors = LogitsProcessorList()
+        if self.config.first_token_bans:
+            banned = [self._encode(w)[0] for word in self.config.first_token_bans for w in (word, " " + word)]
+            processors.append(FirstTokenBan(banned, prompt_width))
+        for n, penalty in sorted(self.config.ngram_penalties.items()):
+            processors.append(NGramFrequencyPenalty(n, penalty, prompt_width))
+        return processors
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -84,6 +135,7 @@ class HFGenerator:
             for r, k in enumerate(rows):
                 ids[r, ids.shape[1] - len(encoded[k]) :] = torch.tensor(encoded[k], dtype=torch.long)
                 mask[r, ids.shape[1] - len(encoded[k]) :] = 1
+            processors = self._processors(ids.shape[1])
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(rows))
             out = self.model.generate(
@@ -94,6 +146,7 @@ class HFGenerator:
                 pad_token_id=self.pad_id,
                 stop_strings=list(c.stop_strings) or None,
                 tokenizer=self.tokenizer,
+                logits_processor=processors,
                 **sampling,
             )
             for r, k in enumerate(rows):

@@ -162,7 +162,7 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     shutil.rmtree(tmp_path / "iter-0" / "model")  # so that the re-run needs the checkpoint
     with pytest.raises(CheckpointError, match="step-00000002 is corrupt: weights.safetensors sha256 mismatch"):
         run(config)
-    process = cli(config, tmp_path)
+    process = cli(config, tmp_path, name="run.yaml")
     output = process.communicate(timeout=300)[0]
     assert process.returncode != 0 and "sha256 mismatch" in output and "Traceback" not in output
 

@@ -1,0 +1,116 @@
+"""SELF-ALIGN's text rules: parsing what the model wrote, and the filters of each stage. Pure functions of text.
+
+Each filter returns the reason a text is dropped (a short string, counted per stage) or None to keep it.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+from rouge_score import rouge_scorer
+
+DEFAULT_BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+                     "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
+
+
+def parse_numbered(text: str) -> list[str]:
+    """Items of a numbered list the model continued after a prompt ending in 'k.': the text up to the next
+    'n.' line is item k, then one item per numbered line."""
+    items = re.split(r"\n\s*\d+\s*[.)]\s*", "\n" + text.strip())
+    return [" ".join(item.split()) for item in items if item.strip()]
+
+
+def instruction_reject_reason(text: str, blacklist=DEFAULT_BLACKLIST) -> str | None:
+    """Self-instruct's filters: 3 < words <= 150, no blacklisted keyword, no punctuation or non-ASCII start."""
+    words = text.split()
+    if not 3 < len(words) <= 150:
+        return "length"
+    lowered = f" {text.lower()} "
+    if any(re.search(rf"\b{re.escape(word)}\b", lowered) for word in blacklist):
+        return "blacklisted keyword"
+    if text[0] in string.punctuation or not text[0].isascii():
+        return "punctuation or non-ASCII start"
+    return None
+
+
+def topic_reject_reason(topic: str) -> str | None:
+    """Brainstormed topics: <= 3 words, every word capitalised, no trailing punctuation."""
+    words = topic.split()
+    if not 1 <= len(words) <= 3:
+        return "topic length"
+    if not all(w[0].isupper() for w in words if w[0].isalpha()) or not words[0][0].isalpha():
+        return "topic not capitalised"
+    if topic[-1] in string.punctuation:
+        return "topic punctuation"
+    return None
+
+
+class NearDuplicates:
+    """Exact (lowercased) and ROUGE-L F1 > threshold near-duplicate detection against every kept text."""
+
+    def __init__(self, kept=(), threshold: float = 0.7):
+        self.scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        self.threshold, self.kept, self.lowered = threshold, [], set()
+        for text in kept:
+            self.add(text)
+
+    def reason(self, text: str) -> str | None:
+        if text.lower() in self.lowered:
+            return "exact duplicate"
+        if any(self.scorer.score(k, text)["rougeL"].fmeasure > self.threshold for k in self.kept):
+            return "ROUGE-L near duplicate"
+        return None
+
+    def add(self, text: str) -> None:
+        self.kept.append(text)
+        self.lowered.add(text.lower())
+
+
+def cut_repeated_clause(text: str) -> str:
+    """The text up to the first clause (split at . ! ? ; , and newlines) that repeats an earlier one."""
+    seen = set()
+    for match in re.finditer(r"[^.!?;,\n]+[.!?;,\n]*", text):
+        clause = " ".join(match.group().lower().strip(" .!?;,\n").split())
+        if clause and clause in seen:
+            return text[: match.start()].rstrip()
+        seen.add(clause)
+    return text
+
+
+def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[k : k + n]) for k in range(len(words) - n + 1)}
+
+
+def principled_response(
+    output: str,
+    *,
+    identity: str,
+    answer_marker: str,
+    next_turn: str,
+    terminator: str,
+    min_chars: int,
+    leak_ngrams: set,
+    leak_n: int,
+    rename: tuple[str, str],
+) -> tuple[str | None, str | None]:
+    """Stage 2's post-filter on '<thoughts>{answer_marker}<answer>...': (response, None) or (None, reason).
+    Keeps outputs whose thoughts start with the identity sentence and that contain an answer; drops the thoughts;
+    cuts at the first repeated clause and at the next user turn (a complete answer gets the turn terminator);
+    requires min_chars; drops exemplar leaks (a shared word leak_n-gram) and refusal openings; renames."""
+    if not output.lstrip().startswith(identity):
+        return None, "no identity sentence"
+    if answer_marker not in output:
+        return None, "no answer"
+    before_turn, turn, _ = output.split(answer_marker, 1)[1].partition(next_turn)
+    answer = cut_repeated_clause(before_turn.strip())
+    complete = bool(turn) and answer == before_turn.strip()  # ended by the model, not cut for repetition
+    if len(answer) < min_chars:
+        return None, "too short"
+    if word_ngrams(answer, leak_n) & leak_ngrams:
+        return None, "exemplar leak"
+    if re.match(r"(i'?m|i am)?\s*sorry", answer.lower()):
+        return None, "refusal opening"
+    answer = answer.replace(*rename)
+    return (answer + terminator if complete else answer), None

@@ -14,6 +14,10 @@ def main(argv: list[str] | None = None) -> None:
     sami = commands.add_parser("sami", help="run the SAMI training loop from a YAML config (resumes if interrupted)")
     sami.add_argument("--config", required=True, help="YAML config, e.g. examples/configs/sami_demo.yaml")
     sami.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    align = commands.add_parser("self-align", help="run SELF-ALIGN's stages from a YAML config (resumable)")
+    align.add_argument("--config", required=True, help="YAML config, e.g. examples/configs/self_align_demo.yaml")
+    align.add_argument("--stage", default="all", choices=["all", "1", "2", "3", "4", "eval"])
+    align.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as run_demo
@@ -26,9 +30,15 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from .checkpoint import CheckpointError
         from .config import load_config
-        from .sami_train import SAMIConfig, print_summary, run_sami
 
-        try:
-            print_summary(run_sami(load_config(SAMIConfig, args.config, args.set)))
-        except (ValueError, CheckpointError) as error:  # bad config or input, refused checkpoint: say it plainly
-            sys.exit(f"sami-kernels sami: {error}")
+        try:  # a bad config or input, or a refused checkpoint: said plainly, without a traceback
+            if args.command == "sami":
+                from .sami_train import SAMIConfig, print_summary, run_sami
+
+                print_summary(run_sami(load_config(SAMIConfig, args.config, args.set)))
+            else:
+                from .self_align import SelfAlignConfig, print_report, run_self_align
+
+                print_report(run_self_align(load_config(SelfAlignConfig, args.config, args.set), args.stage))
+        except (ValueError, CheckpointError) as error:
+            sys.exit(f"sami-kernels {args.command}: {error}")

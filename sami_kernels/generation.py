@@ -108,8 +108,13 @@ class HFGenerator:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    @torch.no_grad()
     def generate(self, prefix: str, prompts: Sequence[str]) -> list[str]:
+        return [text for text, _ in self.generate_with_status(prefix, prompts)]
+
+    @torch.no_grad()
+    def generate_with_status(self, prefix: str, prompts: Sequence[str]) -> list[tuple[str, bool]]:
+        """(continuation cut at the first stop string, finished): finished is False when max_new_tokens ran out
+        before a stop string or EOS."""
         device = next(self.model.parameters()).device
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         prefix_ids = bos + self._encode(prefix)
@@ -120,7 +125,7 @@ class HFGenerator:
         prefix_cache = self.model(torch.tensor([prefix_ids], device=device), use_cache=True).past_key_values
         encoded = [self._encode(p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda k: len(encoded[k]))  # similar lengths share a batch
-        outputs: list[str] = [""] * len(prompts)
+        outputs: list[tuple[str, bool]] = [("", False)] * len(prompts)
         c = self.config
         sampling = (
             dict(do_sample=True, temperature=c.temperature, top_p=c.top_p) if c.do_sample else dict(do_sample=False)
@@ -150,8 +155,11 @@ class HFGenerator:
                 **sampling,
             )
             for r, k in enumerate(rows):
-                text = self.tokenizer.decode(out[r, ids.shape[1] :], skip_special_tokens=True)
-                outputs[k] = cut_at_stop(text, c.stop_strings)
+                new = out[r, ids.shape[1] :]
+                text = self.tokenizer.decode(new, skip_special_tokens=True)
+                cut = cut_at_stop(text, c.stop_strings)
+                eos = self.tokenizer.eos_token_id
+                outputs[k] = (cut, cut != text or (eos is not None and bool((new == eos).any())))
             if self.progress is not None:
                 self.progress(len(rows))
         self.model.train(was_training)

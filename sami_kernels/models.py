@@ -75,7 +75,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-TINY_DIRNAME = "tiny-random-llama"
+TINY_DIRNAME = "tiny-random-llama-4k"
 
 
 def tiny_random_path() -> Path:
@@ -109,7 +109,7 @@ def tiny_random_path() -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=4096,  # SELF-ALIGN's rules prefix is ~3k tokens with this small vocabulary
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,

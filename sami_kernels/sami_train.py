@@ -30,7 +30,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_latest, save_checkpoint
 from .config import to_mapping
 from .constitutions import PrincipleSet, load_principle_set, sample_constitutions
 from .data import load_queries, read_jsonl, write_jsonl, write_text
@@ -44,13 +44,15 @@ from .training import (
     LoRAConfig,
     OptimizerConfig,
     Processes,
+    apply_update,
     build_optimizer,
     build_scheduler,
     is_adapter_dir,
     load_model,
-    load_trainable_state,
+    restore_training_state,
     save_pretrained_atomic,
     trainable_state,
+    training_state,
 )
 
 # Presets per task: (generation prompt with a format example and the prefill, training prompt without the example).
@@ -342,14 +344,7 @@ class SAMIRun:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, tc.optimizer)
         scheduler = build_scheduler(optimizer, tc.optimizer, tc.steps[t])
-        done = 0
-        if resume is not None:
-            _, tensors, state = resume
-            load_trainable_state(model, tensors)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"])
-            done = state["step"]
+        done = restore_training_state(resume, model, optimizer, scheduler)["step"] if resume else 0
         scorer = PairScorer(model, attn=tc.attn)
         if procs.world > 1:
             scorer = torch.nn.parallel.DistributedDataParallel(scorer)
@@ -363,13 +358,7 @@ class SAMIRun:
             if tc.eval_every and (k + 1) % tc.eval_every == 0:
                 self.log_heldout(model, step=step, iteration=t, records=heldout)
             if (k + 1) % tc.checkpoint_every == 0 or k + 1 == tc.steps[t]:
-                state = {
-                    "iteration": t,
-                    "step": k + 1,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(),
-                }
+                state = training_state(optimizer, scheduler, iteration=t, step=k + 1)
                 if procs.is_main:
                     save_checkpoint(
                         self.out / "checkpoints", step, trainable_state(model), state, keep_last=tc.keep_checkpoints
@@ -407,15 +396,7 @@ class SAMIRun:
             correct += int((M.detach().argmax(-1) == torch.arange(n, device=M.device)).sum())
             tokens += sum(map(len, (p for q in batch.prompt_ids for p in q)))
             tokens += sum(len(ids) for q in batch.pair_ids for row in q for ids in row)
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(params, tc.optimizer.max_grad_norm).item()
-            if tc.optimizer.max_grad_norm > 0
-            else math.nan
-        )
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = apply_update(params, optimizer, scheduler, tc.optimizer.max_grad_norm)
         elapsed = time.perf_counter() - began
         n = self.config.constitutions.n
         loss = procs.mean(loss_sum / local)

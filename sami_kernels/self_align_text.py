@@ -10,15 +10,33 @@ import string
 
 from rouge_score import rouge_scorer
 
-DEFAULT_BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
-                     "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
+DEFAULT_BLACKLIST = (
+    "image",
+    "images",
+    "graph",
+    "graphs",
+    "picture",
+    "pictures",
+    "file",
+    "files",
+    "map",
+    "maps",
+    "draw",
+    "plot",
+    "go to",
+    "video",
+    "audio",
+    "music",
+    "flowchart",
+    "diagram",
+)
 
 
 def parse_numbered(text: str) -> list[str]:
-    """Items of a numbered list the model continued after a prompt ending in 'k.': the text up to the next
-    'n.' line is item k, then one item per numbered line."""
+    """Items of a numbered list the model continued after a prompt ending in 'k.': the first line of the text
+    is item k, then the first line after each 'n.' marker is one item."""
     items = re.split(r"\n\s*\d+\s*[.)]\s*", "\n" + text.strip())
-    return [" ".join(item.split()) for item in items if item.strip()]
+    return [" ".join(item.strip().split("\n", 1)[0].split()) for item in items if item.strip()]
 
 
 def instruction_reject_reason(text: str, blacklist=DEFAULT_BLACKLIST) -> str | None:
@@ -86,31 +104,40 @@ def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
 def principled_response(
     output: str,
     *,
+    complete: bool,
     identity: str,
     answer_marker: str,
-    next_turn: str,
     terminator: str,
     min_chars: int,
     leak_ngrams: set,
     leak_n: int,
     rename: tuple[str, str],
 ) -> tuple[str | None, str | None]:
-    """Stage 2's post-filter on '<thoughts>{answer_marker}<answer>...': (response, None) or (None, reason).
-    Keeps outputs whose thoughts start with the identity sentence and that contain an answer; drops the thoughts;
-    cuts at the first repeated clause and at the next user turn (a complete answer gets the turn terminator);
-    requires min_chars; drops exemplar leaks (a shared word leak_n-gram) and refusal openings; renames."""
+    """Stage 2's post-filter on '<thoughts>{answer_marker}<answer>', already cut at the next user turn
+    (complete: the model ended its turn): (response, None) or (None, reason). Keeps outputs whose thoughts start
+    with the identity sentence and that contain an answer; drops the thoughts; cuts at the first repeated clause;
+    a complete answer gets the turn terminator; requires min_chars; drops exemplar leaks (a shared word
+    leak_n-gram) and refusal openings; renames the assistant."""
     if not output.lstrip().startswith(identity):
         return None, "no identity sentence"
     if answer_marker not in output:
         return None, "no answer"
-    before_turn, turn, _ = output.split(answer_marker, 1)[1].partition(next_turn)
-    answer = cut_repeated_clause(before_turn.strip())
-    complete = bool(turn) and answer == before_turn.strip()  # ended by the model, not cut for repetition
+    answer, complete = finish_answer(output.split(answer_marker, 1)[1], complete)
     if len(answer) < min_chars:
         return None, "too short"
     if word_ngrams(answer, leak_n) & leak_ngrams:
         return None, "exemplar leak"
-    if re.match(r"(i'?m|i am)?\s*sorry", answer.lower()):
+    if is_refusal_opening(answer):
         return None, "refusal opening"
     answer = answer.replace(*rename)
     return (answer + terminator if complete else answer), None
+
+
+def finish_answer(text: str, complete: bool) -> tuple[str, bool]:
+    """(answer cut at its first repeated clause, still complete): a cut answer is no longer complete."""
+    answer = cut_repeated_clause(text.strip())
+    return answer, complete and answer == text.strip()
+
+
+def is_refusal_opening(answer: str) -> bool:
+    return re.match(r"(i'?m|i am)?\s*sorry", answer.lower()) is not None

@@ -148,3 +148,32 @@ def save_pretrained_atomic(model, tokenizer, path) -> Path:
 
 def is_adapter_dir(path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
+
+
+def apply_update(params, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
+    """Clip (max_grad_norm > 0), step the optimiser and the schedule, clear the gradients: (grad norm, lr used)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item() if max_grad_norm > 0 else float("nan")
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, lr
+
+
+def training_state(optimizer, scheduler, **counters) -> dict:
+    """What a checkpoint holds besides the trainable weights."""
+    from .checkpoint import rng_state
+
+    return {**counters, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+
+
+def restore_training_state(checkpoint, model, optimizer, scheduler) -> dict:
+    """Load a checkpoint (step, tensors, state) into the model, optimiser, schedule and RNGs; returns the state."""
+    from .checkpoint import set_rng_state
+
+    _, tensors, state = checkpoint
+    load_trainable_state(model, tensors)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state

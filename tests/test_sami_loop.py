@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from sami_kernels.checkpoint import CheckpointError
 from sami_kernels.config import from_mapping
+from sami_kernels.models import tiny_random_path
 from sami_kernels.sami_train import SAMIConfig, run_sami
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,11 +182,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
         output = p.communicate(timeout=600)[0]
         assert p.returncode == 0, output
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    base = load_file(
-        Path(os.environ.get("SAMI_KERNELS_CACHE", Path.home() / ".cache" / "sami-kernels"))
-        / "tiny-random-llama"
-        / "model.safetensors"
-    )
+    base = load_file(tiny_random_path() / "model.safetensors")
     assert max((a[k] - base[k]).abs().max().item() for k in a) > 2e-5  # training moved the weights
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
@@ -202,7 +199,6 @@ def test_sami_trainer_in_transformers_trainer(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     from sami_kernels.hf_trainer import SAMITrainer
-    from sami_kernels.models import tiny_random_path
 
     path = tiny_random_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

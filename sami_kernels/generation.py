@@ -115,6 +115,8 @@ class HFGenerator:
     def generate_with_status(self, prefix: str, prompts: Sequence[str]) -> list[tuple[str, bool]]:
         """(continuation cut at the first stop string, finished): finished is False when max_new_tokens ran out
         before a stop string or EOS."""
+        if not prompts:
+            return []
         device = next(self.model.parameters()).device
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         prefix_ids = bos + self._encode(prefix)

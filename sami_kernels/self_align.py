@@ -71,6 +71,7 @@ class PromptsSection:
 
 @dataclass
 class AnswersSection:
+    max_queries: int | None = None  # answer at most this many stage-1 prompts (a seeded sample; None: all)
     prompt_name: str = "Nova"  # the assistant's name inside the rules prompt; renamed to `name` afterwards
     min_chars: int = 160
     leak_ngram: int = 8  # an answer sharing a word n-gram with an exemplar answer is a leak
@@ -301,6 +302,8 @@ class SelfAlignRun:
     def stage2(self) -> dict:
         c = self.config.answers
         queries = self.needs("1")
+        if c.max_queries is not None and c.max_queries < len(queries):
+            queries = random.Random(f"{self.config.seed}/answers").sample(queries, c.max_queries)
         stage = StageFile(self.out, "2")
         exemplars = yaml.safe_load((DATA / "exemplars.yaml").read_text())["exemplars"]
         leaks = set().union(*(word_ngrams(e["answer"], c.leak_ngram) for e in exemplars))

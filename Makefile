@@ -9,7 +9,7 @@ export MAX_JOBS ?= 2
 
 SOURCES := pyproject.toml setup.py requirements/cpu.txt $(wildcard csrc/*/*.cpp csrc/*/*.h)
 
-.PHONY: install demo test bench lint env clean
+.PHONY: install demo demo-self-align test bench lint env clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,9 @@ $(VENV)/.installed: $(VENV)/bin/python $(SOURCES)
 
 demo: install
 	$(PY) -m sami_kernels sami --config examples/configs/sami_demo.yaml
+
+demo-self-align: install
+	$(PY) -m sami_kernels self-align --config examples/configs/self_align_demo.yaml --stage all
 
 test: install
 	$(PY) -m pytest -q tests

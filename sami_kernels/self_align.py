@@ -16,6 +16,7 @@ Generation stages save after every batch, atomically; a re-run skips every unit 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -191,12 +192,13 @@ class SelfAlignRun:
         seeds = [r["instruction"] for r in read_jsonl(DATA / "seed_tasks.jsonl")]
         types = yaml.safe_load((DATA / "red_team_types.yaml").read_text())["types"][: c.types]
         if c.include_seeds and "seeds" not in stage.done:
-            for k, text in enumerate(seeds):
-                stage.add(f"seed-{k}", {"id": f"seed-{k}", "source": "seed", "instruction": text})
-            for qt in types:
-                for k, text in enumerate(qt["questions"]):
-                    unit = f"seed-{qt['name']}-{k}"
-                    stage.add(unit, {"id": unit, "source": "tgrt-seed", "type": qt["name"], "instruction": text})
+            stage.records += [{"id": f"seed-{k}", "source": "seed", "instruction": t} for k, t in enumerate(seeds)]
+            stage.records += [
+                {"id": f"seed-{qt['name']}-{k}", "source": "tgrt-seed", "type": qt["name"], "instruction": text}
+                for qt in types
+                for k, text in enumerate(qt["questions"])
+            ]
+            stage.counts["seeds"] = len(stage.records)
             stage.done.add("seeds")
             stage.save()
         unique = NearDuplicates([*seeds, *(r["instruction"] for r in stage.records)], threshold=c.rouge_threshold)
@@ -218,7 +220,12 @@ class SelfAlignRun:
                 sampled = random.Random(f"{self.config.seed}/{unit}").sample(seeds, c.seeds_per_prompt)
                 listing = "".join(f"{k}. {s}\n" for k, s in enumerate(sampled, 1)) + f"{len(sampled) + 1}."
                 self.seed_generation(unit)
-                for k, text in enumerate(parse_numbered(generator.generate(header, [listing])[0])):
+                output, finished = generator.generate_with_status(header, [listing])[0]
+                items = parse_numbered(output)
+                if items and not finished:  # the token budget ran out inside the last item
+                    stage.add(f"{unit}-{len(items) - 1}", None, "cut by max_new_tokens")
+                    items.pop()
+                for k, text in enumerate(items):
                     reason = instruction_reject_reason(text, c.blacklist) or unique.reason(text)
                     record = None
                     if reason is None and kept < c.self_instruct:
@@ -308,42 +315,38 @@ class SelfAlignRun:
         exemplars = yaml.safe_load((DATA / "exemplars.yaml").read_text())["exemplars"]
         leaks = set().union(*(word_ngrams(e["answer"], c.leak_ngram) for e in exemplars))
         template = self.rules_prefix() + "### User\n{query}\n\n### " + c.prompt_name + " (internal thoughts)\n"
+        keep = functools.partial(
+            principled_response,
+            identity=IDENTITY,
+            answer_marker=f"### {c.prompt_name}\n",
+            terminator=TERMINATOR,
+            min_chars=c.min_chars,
+            leak_ngrams=leaks,
+            leak_n=c.leak_ngram,
+            rename=(c.prompt_name, self.config.name),
+        )
+        self.answer_all(stage, queries, template, c.generation, None, "stage 2: answers", keep)
+        return stage.counts
+
+    def answer_all(self, stage: StageFile, queries, template: str, generation, adapter, desc: str, keep) -> None:
+        """Answer every query not done yet, batch by batch (the template's part before {query} is encoded once per
+        batch), keep(output, complete=finished) -> (response, None) or (None, reason); saved after every batch."""
         todo = [q for q in queries if q["id"] not in stage.done]
-        model = self.model()
-        with tqdm(
-            desc="stage 2: answers",
-            unit="answer",
-            total=len(queries),
-            initial=len(queries) - len(todo),
-            disable=not self.show,
-        ) as bar:
-            generator = self.generator(model, c.generation, bar)
-            batch = c.generation.batch_size
-            for start in range(0, len(todo), batch):
-                chunk = todo[start : start + batch]
-                self.seed_generation(chunk[0]["id"])
-                # one generate call per batch: the rules prefix is encoded once and its cache repeated per row
+        if not todo:
+            return
+        model = self.model(adapter)
+        done = len(queries) - len(todo)
+        with tqdm(desc=desc, unit="answer", total=len(queries), initial=done, disable=not self.show) as bar:
+            generator = self.generator(model, generation, bar)
+            for start in range(0, len(todo), generation.batch_size):
+                chunk = todo[start : start + generation.batch_size]
+                self.seed_generation(f"{desc}/{chunk[0]['id']}")
                 prompts = shared_prefix_prompts(template, [q["instruction"] for q in chunk])
                 for query, (output, finished) in zip(chunk, generator.generate_with_status(*prompts), strict=True):
-                    response, reason = principled_response(
-                        output,
-                        complete=finished,
-                        identity=IDENTITY,
-                        answer_marker=f"### {c.prompt_name}\n",
-                        terminator=TERMINATOR,
-                        min_chars=c.min_chars,
-                        leak_ngrams=leaks,
-                        leak_n=c.leak_ngram,
-                        rename=(c.prompt_name, self.config.name),
-                    )
-                    record = (
-                        None
-                        if response is None
-                        else {"id": query["id"], "instruction": query["instruction"], "response": response}
-                    )
-                    stage.add(query["id"], record, reason)
+                    response, reason = keep(output, complete=finished)
+                    record = {"id": query["id"], "instruction": query["instruction"], "response": response}
+                    stage.add(query["id"], None if response is None else record, reason)
                 stage.save()
-        return stage.counts
 
     # ---- stages 3 and 4: fine-tuning the base model -----------------------------------------------------------
     def sft_sequences(self, records: list[dict], cutoff: int):
@@ -380,30 +383,9 @@ class SelfAlignRun:
         stage = StageFile(self.out, "4")
         teacher = (DATA / "verbose_teacher.txt").read_text().strip()
         template = f"# System\n{teacher}\n\n" + "### User\n{query}\n\n" + f"### {self.config.name}\n"
-        todo = [q for q in queries if q["id"] not in stage.done]
-        if todo:
-            model = self.model(engraved)
-            with tqdm(
-                desc="stage 4: verbose answers",
-                unit="answer",
-                total=len(queries),
-                initial=len(queries) - len(todo),
-                disable=not self.show,
-            ) as bar:
-                generator = self.generator(model, c.generation, bar)
-                for start in range(0, len(todo), c.generation.batch_size):
-                    chunk = todo[start : start + c.generation.batch_size]
-                    self.seed_generation(f"verbose-{chunk[0]['id']}")
-                    prompts = shared_prefix_prompts(template, [q["instruction"] for q in chunk])
-                    for query, (output, finished) in zip(chunk, generator.generate_with_status(*prompts), strict=True):
-                        response, reason = self.verbose_response(output, finished)
-                        record = (
-                            None
-                            if response is None
-                            else {"id": query["id"], "instruction": query["instruction"], "response": response}
-                        )
-                        stage.add(query["id"], record, reason)
-                    stage.save()
+        self.answer_all(
+            stage, queries, template, c.generation, engraved, "stage 4: verbose answers", self.verbose_response
+        )
         if not stage.records:
             raise ValueError("stage 4 kept no answers: nothing to clone")
         sequences = self.sft_sequences(stage.records, c.training.cutoff)
@@ -418,9 +400,9 @@ class SelfAlignRun:
         )
         return {**stage.counts, "model": str(path)}
 
-    def verbose_response(self, output: str, finished: bool) -> tuple[str | None, str | None]:
+    def verbose_response(self, output: str, complete: bool) -> tuple[str | None, str | None]:
         """Stage 4's filter: cut at the first repeated clause, at least min_chars, no refusal opening."""
-        answer, complete = finish_answer(output, finished)
+        answer, complete = finish_answer(output, complete)
         if len(answer) < self.config.verbose.min_chars:
             return None, "too short"
         if is_refusal_opening(answer):

@@ -14,8 +14,10 @@ from pathlib import Path
 import yaml
 
 
-def from_mapping(cls, raw, where: str = ""):
-    """An instance of dataclass `cls` from a (possibly partial) mapping; defaults fill what is absent."""
+def from_mapping(cls, raw, where: str = "", base=None):
+    """An instance of dataclass `cls` from a (possibly partial) mapping; what is absent keeps its default: the
+    field's default, or for a nested section its value in `base` / the default section (so a section whose
+    default differs from its class's defaults keeps those values for the keys not given)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -27,11 +29,33 @@ def from_mapping(cls, raw, where: str = ""):
         raise ValueError(f"{where or 'config'}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
     values = {}
     for name, value in raw.items():
-        values[name] = _convert(hints[name], value, f"{where}.{name}" if where else name)
+        key = f"{where}.{name}" if where else name
+        section = _section_type(hints[name])
+        if section is not None and isinstance(value, dict):
+            default = getattr(base, name) if base is not None else _default(fields[name])
+            values[name] = from_mapping(section, value, key, base=default if isinstance(default, section) else None)
+        else:
+            values[name] = _convert(hints[name], value, key)
     try:
-        return cls(**values)
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
     except TypeError as error:  # a required field without a value
         raise ValueError(f"{where or 'config'}: {error}") from None
+
+
+def _section_type(hint):
+    """The dataclass of a field typed `Section` or `Section | None`, else None."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        classes = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        return classes[0] if len(classes) == 1 else None
+    return None
+
+
+def _default(field: dataclasses.Field):
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
 
 
 def _convert(hint, value, where: str):

@@ -94,6 +94,18 @@ def test_principled_response_filters():
     assert cut_repeated_clause("A. B. A. C.") == "A. B."
 
 
+def test_partial_sections_keep_their_paper_defaults():
+    config = from_mapping(
+        SelfAlignConfig, {"answers": {"generation": {"max_new_tokens": 5}}, "verbose": {"training": {"epochs": 2}}}
+    )
+    g = config.answers.generation
+    assert (g.max_new_tokens, g.do_sample, g.temperature, g.top_p) == (5, True, 0.5, 0.95)
+    assert g.stop_strings == ("### User",) and g.first_token_bans == ("Sorry",)
+    assert config.verbose.generation.ngram_penalties == {3: 1.0, 4: 2.0}
+    assert (config.verbose.training.epochs, config.verbose.training.cutoff) == (2, 768)
+    assert config.engraving.optimizer.lr == 4e-4 and config.engraving.lora.r == 16
+
+
 # ---- generation constraints ------------------------------------------------------------------------------------
 def test_first_token_ban_and_ngram_frequency_penalty():
     scores = torch.zeros(2, 10)

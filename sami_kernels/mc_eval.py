@@ -42,7 +42,7 @@ def load_items(path, kind: str) -> list[dict]:
 
 
 @torch.no_grad()
-def continuation_logprobs(model, tokenizer, prompts: list[str], continuations: list[str], *, pack_tokens=4096):
+def continuation_logprobs(model, tokenizer, prompts: list[str], continuations: list[str], *, pack_tokens=1024):
     """[sum of log p(continuation_k | prompt_k)] for each k."""
     was_training = model.training
     model.eval()

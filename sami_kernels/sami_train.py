@@ -275,7 +275,7 @@ class SAMIRun:
         if self.procs.is_main and not path.exists():
             records, counts = make()
             if not records:
-                raise RuntimeError(f"every query was filtered out while making {path} ({counts})")
+                raise ValueError(f"every query was filtered out while making {path} ({counts})")
             write_jsonl(path, records)
             write_text(path.with_suffix(".counts.json"), json.dumps(counts, indent=1) + "\n")
             if self.show:

@@ -116,8 +116,8 @@ def principled_response(
     """Stage 2's post-filter on '<thoughts>{answer_marker}<answer>', already cut at the next user turn
     (complete: the model ended its turn): (response, None) or (None, reason). Keeps outputs whose thoughts start
     with the identity sentence and that contain an answer; drops the thoughts; cuts at the first repeated clause;
-    a complete answer gets the turn terminator; requires min_chars; drops exemplar leaks (a shared word
-    leak_n-gram) and refusal openings; renames the assistant."""
+    a complete answer gets the turn terminator; requires min_chars; drops answers that restate the thoughts,
+    exemplar leaks (a shared word leak_n-gram) and refusal openings; renames the assistant."""
     if not output.lstrip().startswith(identity):
         return None, "no identity sentence"
     if answer_marker not in output:
@@ -125,6 +125,8 @@ def principled_response(
     answer, complete = finish_answer(output.split(answer_marker, 1)[1], complete)
     if len(answer) < min_chars:
         return None, "too short"
+    if identity in answer or re.search(r"\bfollow rules? \d+ \(", answer):
+        return None, "thoughts in the answer"
     if word_ngrams(answer, leak_n) & leak_ngrams:
         return None, "exemplar leak"
     if is_refusal_opening(answer):

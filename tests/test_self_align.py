@@ -85,6 +85,8 @@ def test_principled_response_filters():
     assert principled_response(
         thoughts + "I'm sorry, I cannot talk about tea, it is a subject I avoid.", complete=True, **kwargs
     ) == (None, "refusal opening")
+    restated = "I cannot check that now. I should follow rules 9 (static), 7 (candor), as I said before."
+    assert principled_response(thoughts + restated, complete=True, **kwargs) == (None, "thoughts in the answer")
     leak = "As you asked: the red panda belongs to its own family called Ailuridae today, yes."
     assert principled_response(thoughts + leak, complete=True, **kwargs) == (None, "exemplar leak")
     repeated = "Tea is good in the morning, tea is warm in the winter, tea is good in the morning, and so on."

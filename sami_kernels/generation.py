@@ -2,8 +2,9 @@
 
     generator.generate(prefix, prompts) -> [continuation of prefix + p for p in prompts]   (cut at stop strings)
 
-HFGenerator runs batched Hugging Face generate with the prefix encoded ONCE per call: its KV cache is computed for
-one row and repeated for every batch; each row is laid out [prefix | padding | prompt] with the padding masked
+HFGenerator runs batched Hugging Face generate with the prefix encoded ONCE: its KV cache is computed for one row,
+kept while later calls pass the same prefix (the model must not change meanwhile), and repeated for every batch;
+each row is laid out [prefix | padding | prompt] with the padding masked
 and positions counted over real tokens only, so every row equals its unpadded generation. Greedy by default. A vLLM
 (or any other) engine plugs in by implementing `generate` with the same contract.
 """
@@ -93,6 +94,8 @@ class HFGenerator:
             raise ValueError("generation.max_new_tokens and generation.batch_size must be >= 1")
         self.model, self.tokenizer, self.config, self.progress = model, tokenizer, config, progress
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.prefix_encodings = 0  # how many prefixes were run through the model (each one once)
+        self._prefix: tuple[list[int], object] | None = None  # (token ids, KV cache) of the last prefix
 
     def _processors(self, prompt_width: int):
         from transformers import LogitsProcessorList
@@ -124,7 +127,11 @@ class HFGenerator:
             raise ValueError("HFGenerator needs a non-empty prefix (or a tokenizer with a BOS token)")
         was_training = self.model.training
         self.model.eval()
-        prefix_cache = self.model(torch.tensor([prefix_ids], device=device), use_cache=True).past_key_values
+        if self._prefix is None or self._prefix[0] != prefix_ids:
+            cache = self.model(torch.tensor([prefix_ids], device=device), use_cache=True).past_key_values
+            self._prefix = (prefix_ids, cache)
+            self.prefix_encodings += 1
+        prefix_cache = self._prefix[1]
         encoded = [self._encode(p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda k: len(encoded[k]))  # similar lengths share a batch
         outputs: list[tuple[str, bool]] = [("", False)] * len(prompts)

@@ -329,8 +329,9 @@ class SelfAlignRun:
         return stage.counts
 
     def answer_all(self, stage: StageFile, queries, template: str, generation, adapter, desc: str, keep) -> None:
-        """Answer every query not done yet, batch by batch (the template's part before {query} is encoded once per
-        batch), keep(output, complete=finished) -> (response, None) or (None, reason); saved after every batch."""
+        """Answer every query not done yet, batch by batch (the template's part before {query} is encoded once, its
+        KV cache reused for every batch); keep(output, complete=finished) -> (response, None) or (None, reason);
+        saved after every batch."""
         todo = [q for q in queries if q["id"] not in stage.done]
         if not todo:
             return

@@ -150,7 +150,12 @@ def test_generation_with_shared_prefix_equals_one_prompt_at_a_time(tiny):
     prefix = "System: 1. The assistant is helpful.\n\nHuman:"
     prompts = [" hi", " How do I keep basil fresh after buying it?", " Why?", " What is a good way to study?"]
     config = GenerationConfig(max_new_tokens=9, batch_size=3, stop_strings=())
-    batched = HFGenerator(model, tokenizer, config).generate(prefix, prompts)
+    generator = HFGenerator(model, tokenizer, config)
+    batched = generator.generate(prefix, prompts)
+    assert generator.generate(prefix, prompts[:2]) == batched[:2]  # the cached prefix, reused
+    assert generator.prefix_encodings == 1
+    generator.generate(prefix + " x", prompts[:1])
+    assert generator.prefix_encodings == 2
     for prompt, got in zip(prompts, batched, strict=True):
         ids = torch.tensor(
             [

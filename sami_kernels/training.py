@@ -30,6 +30,8 @@ class OptimizerConfig:
     name: Literal["adamw", "rmsprop"] = "adamw"
     lr: float = 5e-7
     weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+    eps: float = 1e-8
     warmup_steps: int = 0
     schedule: Literal["constant", "linear"] = "constant"  # linear: decays to 0 at the last step
     max_grad_norm: float = 1.0  # 0 disables clipping
@@ -113,8 +115,10 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
 
 def build_optimizer(params, config: OptimizerConfig) -> torch.optim.Optimizer:
     if config.name == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.RMSprop(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+        )
+    return torch.optim.RMSprop(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
 
 
 def build_scheduler(optimizer, config: OptimizerConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -247,7 +247,11 @@ class SelfAlignRun:
             "Write one tricky question a user could ask an AI assistant, for the given type and topic.\n\n"
         )
         generator = self.generator(model, c.generation)
-        seen_topics = {t.lower() for qt in types for t in qt["topics"]}
+        seen_topics = {t.lower() for qt in types for t in qt["topics"]} | {
+            r["topic"].lower()
+            for r in stage.records
+            if "topic" in r  # from types done before a restart
+        }
         for qt in tqdm(types, desc="stage 1: red-teaming", unit="type", disable=not self.show):
             unit = f"tgrt-{qt['name']}"
             if unit in stage.done:

@@ -89,6 +89,19 @@ def test_two_iterations_write_every_output(tmp_path):
     assert (tmp_path / "sami.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_summarisation_preset(tmp_path):
+    run(
+        tiny_config(
+            tmp_path,
+            constitutions={"set": "summarisation"},
+            data={"source": "builtin:summarisation", "heldout_queries": 2, "train_queries": 4},
+        )
+    )
+    records = [json.loads(line) for line in (tmp_path / "iter-0" / "generations.jsonl").read_text().splitlines()]
+    assert {name for r in records for c in r["constitutions"] for name, _ in c} == {"concise", "comprehensive"}
+    assert len(records) == 4 and (tmp_path / "iter-0" / "model").exists()
+
+
 def test_restart_from_base_differs_from_continue(tmp_path):
     common = {"iterations": 2, "steps": [2, 2]}
     run(tiny_config(tmp_path / "restart", training=common))

@@ -11,7 +11,8 @@
 
 Each stage reads the previous stage's JSONL under output_dir and writes its own (stage1.jsonl, stage2.jsonl,
 stage3/model, stage4.jsonl, stage4/model, eval.json), with counts per filter reason (stage<k>.counts.json).
-Generation stages save after every batch, atomically; a re-run skips every unit of work already done.
+Generation stages append every finished batch to stage<k>.log.jsonl (fsync'ed) and write their outputs atomically
+from it when the stage ends; a re-run skips every unit of work already logged.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,27 +115,61 @@ class SelfAlignConfig:
 
 
 class StageFile:
-    """A stage's records (JSONL) and counts, saved atomically after every batch; `done` holds the units of work
-    already finished (kept or dropped), so a re-run skips them."""
+    """A stage's progress as an append-only log (stage<k>.log.jsonl): one line per finished unit of work (its record
+    if kept, the counts it adds). Each batch is appended in one write and fsync'ed, so saving costs what the batch
+    adds, and a kill loses at most the batch being written (a torn last line is ignored). `publish` writes the
+    stage's outputs, stage<k>.jsonl and stage<k>.counts.json, atomically from the log."""
 
     def __init__(self, out: Path, stage: str):
-        self.path, self.state_path = out / f"stage{stage}.jsonl", out / f"stage{stage}.counts.json"
-        self.records = read_jsonl(self.path) if self.path.exists() else []
-        state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
-        self.counts: dict[str, int] = state.get("counts", {})
-        self.done: set[str] = set(state.get("done", [])) | {r["id"] for r in self.records}
+        self.path, self.counts_path = out / f"stage{stage}.jsonl", out / f"stage{stage}.counts.json"
+        self.log_path = out / f"stage{stage}.log.jsonl"
+        self.records: list[dict] = []
+        self.counts: dict[str, int] = {}
+        self.done: set[str] = set()
+        self.pending: list[dict] = []
+        lines = self.log_path.read_text(encoding="utf-8").splitlines() if self.log_path.exists() else []
+        for k, line in enumerate(lines):
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:  # torn by a kill mid-append: that batch was never reported done
+                write_text(self.log_path, "".join(x + "\n" for x in lines[:k]))  # so appends follow whole lines
+                break
+            self._apply(event)
+
+    def _apply(self, event: dict) -> None:
+        if "unit" in event:
+            self.done.add(event["unit"])
+        if "record" in event:
+            self.records.append(event["record"])
+        for key, n in event.get("count", {}).items():
+            self.counts[key] = self.counts.get(key, 0) + n
+
+    def log(self, event: dict) -> None:
+        self._apply(event)
+        self.pending.append(event)
 
     def add(self, unit: str, record: dict | None, reason: str | None = None) -> None:
-        self.done.add(unit)
-        self.counts["generated"] = self.counts.get("generated", 0) + 1
+        """A generated item: kept (its record) or dropped for `reason`."""
         key = "kept" if record is not None else f"dropped: {reason}"
-        self.counts[key] = self.counts.get(key, 0) + 1
-        if record is not None:
-            self.records.append(record)
+        self.log(
+            {"unit": unit, "count": {"generated": 1, key: 1}, **({"record": record} if record is not None else {})}
+        )
 
     def save(self) -> None:
-        write_jsonl(self.path, self.records)  # records first: a unit is only "done" once its record is on disk
-        write_text(self.state_path, json.dumps({"counts": self.counts, "done": sorted(self.done)}, indent=1) + "\n")
+        if not self.pending:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.pending))
+            f.flush()
+            os.fsync(f.fileno())
+        self.pending = []
+
+    def publish(self) -> dict:
+        self.save()
+        write_jsonl(self.path, self.records)
+        write_text(self.counts_path, json.dumps({"counts": self.counts}, indent=1) + "\n")
+        return self.counts
 
 
 class SelfAlignRun:
@@ -192,14 +228,14 @@ class SelfAlignRun:
         seeds = [r["instruction"] for r in read_jsonl(DATA / "seed_tasks.jsonl")]
         types = yaml.safe_load((DATA / "red_team_types.yaml").read_text())["types"][: c.types]
         if c.include_seeds and "seeds" not in stage.done:
-            stage.records += [{"id": f"seed-{k}", "source": "seed", "instruction": t} for k, t in enumerate(seeds)]
-            stage.records += [
+            seed_records = [{"id": f"seed-{k}", "source": "seed", "instruction": t} for k, t in enumerate(seeds)] + [
                 {"id": f"seed-{qt['name']}-{k}", "source": "tgrt-seed", "type": qt["name"], "instruction": text}
                 for qt in types
                 for k, text in enumerate(qt["questions"])
             ]
-            stage.counts["seeds"] = len(stage.records)
-            stage.done.add("seeds")
+            for record in seed_records:
+                stage.log({"record": record, "count": {"seeds": 1}})
+            stage.log({"unit": "seeds"})
             stage.save()
         unique = NearDuplicates([*seeds, *(r["instruction"] for r in stage.records)], threshold=c.rouge_threshold)
         model = self.model()
@@ -233,10 +269,10 @@ class SelfAlignRun:
                         kept += 1
                         record = {"id": f"si-{request}-{k}", "source": "self-instruct", "instruction": text}
                     stage.add(f"{unit}-{k}", record, reason or ("enough" if record is None else None))
-                stage.done.add(unit)
+                stage.log({"unit": unit})
                 stage.save()
         self.tgrt(model, types, stage, unique)
-        return stage.counts
+        return stage.publish()
 
     def tgrt(self, model, types: list[dict], stage: StageFile, unique: NearDuplicates) -> None:
         """Topics per adversarial type (filtered, deduplicated across types, at most topics_per_type each), then
@@ -267,7 +303,7 @@ class SelfAlignRun:
                 reason = topic_reject_reason(topic) or ("duplicate topic" if topic.lower() in seen_topics else None)
                 reason = reason or ("type balance" if len(topics) >= c.topics_per_type else None)
                 if reason is not None:
-                    stage.counts[f"topics dropped: {reason}"] = stage.counts.get(f"topics dropped: {reason}", 0) + 1
+                    stage.log({"count": {f"topics dropped: {reason}": 1}})
                     continue
                 seen_topics.add(topic.lower())
                 topics.append(topic)
@@ -289,7 +325,7 @@ class SelfAlignRun:
                         "instruction": question,
                     }
                 stage.add(f"{unit}-{k}", record, reason)
-            stage.done.add(unit)
+            stage.log({"unit": unit})
             stage.save()
 
     # ---- stage 2: principle-driven answers ---------------------------------------------------------------------
@@ -330,7 +366,7 @@ class SelfAlignRun:
             rename=(c.prompt_name, self.config.name),
         )
         self.answer_all(stage, queries, template, c.generation, None, "stage 2: answers", keep)
-        return stage.counts
+        return stage.publish()
 
     def answer_all(self, stage: StageFile, queries, template: str, generation, adapter, desc: str, keep) -> None:
         """Answer every query not done yet, batch by batch (the template's part before {query} is encoded once, its
@@ -391,6 +427,7 @@ class SelfAlignRun:
         self.answer_all(
             stage, queries, template, c.generation, engraved, "stage 4: verbose answers", self.verbose_response
         )
+        stage.publish()
         if not stage.records:
             raise ValueError("stage 4 kept no answers: nothing to clone")
         sequences = self.sft_sequences(stage.records, c.training.cutoff)

@@ -15,7 +15,7 @@ from sami_kernels.config import from_mapping
 from sami_kernels.generation import FirstTokenBan, HFGenerator, NGramFrequencyPenalty
 from sami_kernels.mc_eval import continuation_logprobs, hhh_accuracy, load_items
 from sami_kernels.models import tiny_random_path
-from sami_kernels.self_align import IDENTITY, TERMINATOR, SelfAlignConfig, run_self_align
+from sami_kernels.self_align import IDENTITY, TERMINATOR, SelfAlignConfig, StageFile, run_self_align
 from sami_kernels.self_align_text import (
     NearDuplicates,
     cut_repeated_clause,
@@ -261,14 +261,16 @@ def test_every_stage_end_to_end_and_resumable(tmp_path):
     assert WellFormed.calls == calls
     assert before == {p.name: p.read_bytes() for p in tmp_path.glob("stage*.jsonl")}
 
-    (tmp_path / "stage2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stage2[:2]))  # as if killed
-    counts = json.loads((tmp_path / "stage2.counts.json").read_text())
-    counts["done"] = [r["id"] for r in stage2[:2]]
-    (tmp_path / "stage2.counts.json").write_text(json.dumps(counts))
+    log = (tmp_path / "stage2.log.jsonl").read_text().splitlines()
+    cut = [k for k, line in enumerate(log) if "record" in json.loads(line)][1] + 1
+    torn = '{"unit": "half-writ'  # as if killed after the second kept answer, in the middle of the next append
+    (tmp_path / "stage2.log.jsonl").write_text("\n".join(log[:cut]) + "\n" + torn)
     run_self_align(config, "2", make_generator=WellFormed)
     resumed = [json.loads(line) for line in (tmp_path / "stage2.jsonl").read_text().splitlines()]
     assert [r["id"] for r in resumed[:2]] == [r["id"] for r in stage2[:2]]
     assert sorted(r["id"] for r in resumed) == sorted(r["id"] for r in stage2)
+    reloaded = StageFile(tmp_path, "2")  # the torn line was cut off, so the appends after it are read back too
+    assert sorted(r["id"] for r in reloaded.records) == sorted(r["id"] for r in stage2)
 
 
 def test_cli_stage_order_and_a_random_model_filtered_out(tmp_path):

@@ -115,7 +115,7 @@ class PairBatch:
         return cls(prompt_ids, response_ids, pair_ids)
 
 
-def _decoder_and_head(model):
+def decoder_and_head(model):
     """(decoder returning final hidden states, output head) of a causal LM, peft-wrapped or not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = getattr(base, base.base_model_prefix, None)
@@ -298,24 +298,30 @@ def pair_logprobs(
     Differentiable in the model's parameters. prefix_sharing=False runs the N^2 full sequences (same result).
     attn: "cache" (prefix pass + KV cache reused by index), "tree" (one packed pass per query with a tree mask;
     works under gradient checkpointing), "auto" (cache, or tree when gradient checkpointing is active)."""
-    decoder, head, temperature = _decoder_and_head(model)
+    decoder, head, temperature = decoder_and_head(model)
     _check_lengths(batch, model)
     hidden, targets, seq_ids = _scored_states(model, decoder, batch, prefix_sharing, attn)
     B, N = batch.num_queries, batch.num_constitutions
-    weight = head.weight
-    hidden = hidden.to(weight.dtype)
-    seq = sequence_logprobs(
-        hidden,
-        weight,
+    seq = head_sequence_logprobs(
+        head, temperature, hidden, targets, seq_ids, B * N * N, reduction=reduction, backend=backend
+    )
+    return seq.view(B, N, N)
+
+
+def head_sequence_logprobs(head, temperature, hidden, targets, seq_ids, num_seqs, *, reduction, backend="auto"):
+    """sequence_logprobs of final hidden states [T, H] through a causal LM's output head (bias and logit scale
+    honoured): what every caller here does with the states decoder_and_head's decoder returns."""
+    return sequence_logprobs(
+        hidden.to(head.weight.dtype),
+        head.weight,
         targets,
         seq_ids,
-        B * N * N,
+        num_seqs,
         reduction=reduction,
         bias=getattr(head, "bias", None),
         temperature=temperature,
         backend=backend,
     )
-    return seq.view(B, N, N)
 
 
 class PairScorer(torch.nn.Module):

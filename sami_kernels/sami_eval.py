@@ -16,7 +16,7 @@ import math
 import torch
 
 from .constitutions import PrincipleSet
-from .pairs import PairBatch, _decoder_and_head, sami_step_loss
+from .pairs import PairBatch, decoder_and_head, sami_step_loss
 
 JUDGE_TEMPLATE = (
     "System: You compare two replies of an assistant. Principles the assistant should follow:\n{constitution}\n\n"
@@ -65,7 +65,7 @@ def judge_preference(judge, tokenizer, constitution: str, query: str, first: str
         tokenizer(" B", add_special_tokens=False).input_ids[-1],
     ]
     device = next(judge.parameters()).device
-    decoder, head, temperature = _decoder_and_head(judge)
+    decoder, head, temperature = decoder_and_head(judge)
     last = decoder(input_ids=torch.tensor([ids], device=device)).last_hidden_state[0, -1]
     logits = head.weight[choices].float() @ last.float() / temperature  # only the two rows: no full-vocab logits
     if getattr(head, "bias", None) is not None:

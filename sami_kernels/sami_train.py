@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -411,9 +412,13 @@ class SAMIRun:
 
     def query_at(self, t: int, position: int, count: int) -> int:
         """The record at a position of iteration t's stream: a fresh seeded permutation per pass over the data."""
+        return self.epoch_order(t, position // count, count)[position % count]
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 (one run object per process; a few small lists)
+    def epoch_order(self, t: int, epoch: int, count: int) -> list[int]:
         order = list(range(count))
-        random.Random(f"{self.config.seed}/{t}/epoch{position // count}").shuffle(order)
-        return order[position % count]
+        random.Random(f"{self.config.seed}/{t}/epoch{epoch}").shuffle(order)
+        return order
 
     def autocast(self):
         return torch.autocast(self.procs.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -469,13 +474,13 @@ class SAMIRun:
         constitution = self.principles.render(positive)
         queries = [r["query"] for r in heldout]
         g = self.config.generation
+        models = {"base": self.load(None, trainable=False), "trained": self.load(trained_dir, trainable=False)}
+        prompts = shared_prefix_prompts(self.generation_template, queries, constitution=constitution)
         responses = {}
-        for name, directory in (("base", None), ("trained", trained_dir)):
-            model = self.load(directory, trainable=False)
+        for name, model in models.items():
             generator = self.make_generator(model, self.tokenizer, dataclasses.replace(g, do_sample=False))
-            prompts = shared_prefix_prompts(self.generation_template, queries, constitution=constitution)
             responses[name] = [x.rstrip() for x in generator.generate(*prompts)]
-        judge = self.load(trained_dir if self.config.evaluation.judge == "trained" else None, trainable=False)
+        judge = models[self.config.evaluation.judge]
         rows = []
         for q, query in enumerate(tqdm(queries, desc="judging", disable=not self.show)):
             score = judge_win(judge, self.tokenizer, constitution, query, responses["trained"][q], responses["base"][q])

@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_latest, save_checkpoint
 from .metrics import MetricsLog
-from .ops.sequence import sequence_logprobs
-from .pairs import _decoder_and_head
+from .pairs import decoder_and_head, head_sequence_logprobs
 from .training import (
     LoRAConfig,
     OptimizerConfig,
@@ -84,7 +83,7 @@ def pack(sequences: list[Sequence], pack_tokens: int) -> list[list[Sequence]]:
 def packed_logprobs(model, row: list[Sequence], *, backend: str = "auto") -> torch.Tensor:
     """[len(row)] float32: sum of log p(response tokens | their own sequence's earlier tokens), per sequence of a
     packed row, from one decoder pass over the row."""
-    decoder, head, temperature = _decoder_and_head(model)
+    decoder, head, temperature = decoder_and_head(model)
     device = next(model.parameters()).device
     ids = torch.tensor([t for s in row for t in s.ids], device=device)[None]
     positions = torch.cat([torch.arange(len(s.ids), device=device) for s in row])[None]
@@ -95,15 +94,14 @@ def packed_logprobs(model, row: list[Sequence], *, backend: str = "auto") -> tor
         owner.extend([k] * (len(s.ids) - s.first_target))
         offset += len(s.ids)
     where = torch.tensor(predicting, device=device)
-    return sequence_logprobs(
-        hidden[where].to(head.weight.dtype),
-        head.weight,
+    return head_sequence_logprobs(
+        head,
+        temperature,
+        hidden[where],
         ids[0, where + 1],
         torch.tensor(owner, device=device),
         len(row),
         reduction="sum",
-        bias=getattr(head, "bias", None),
-        temperature=temperature,
         backend=backend,
     )
 

@@ -39,6 +39,7 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 env: install
 	$(PY) -m sami_kernels env

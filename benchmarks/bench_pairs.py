@@ -47,8 +47,8 @@ def build(provider: str, case: dict):
     import torch
 
     import sami_kernels as sk
-    from sami_kernels.models import load_smollm2
-    from sami_kernels.pairs import PairBatch
+    from sami_kernels.engine.models import load_smollm2
+    from sami_kernels.engine.pairs import PairBatch
 
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()

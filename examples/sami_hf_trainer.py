@@ -11,12 +11,12 @@ import tempfile
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-from sami_kernels.constitutions import load_principle_set
-from sami_kernels.data import load_queries
-from sami_kernels.generation import GenerationConfig, HFGenerator, shared_prefix_prompts
-from sami_kernels.hf_trainer import SAMITrainer
-from sami_kernels.models import resolve_model_path
-from sami_kernels.sami_train import TEMPLATES
+from sami_kernels.engine.generation import GenerationConfig, HFGenerator, shared_prefix_prompts
+from sami_kernels.engine.models import resolve_model_path
+from sami_kernels.integrations.hf_trainer import SAMITrainer
+from sami_kernels.recipes.data import load_queries
+from sami_kernels.recipes.sami.config import TEMPLATES
+from sami_kernels.recipes.sami.constitutions import load_principle_set
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ import argparse
 import torch
 
 import sami_kernels as sk
-from sami_kernels import demo
-from sami_kernels.models import load_smollm2
+from sami_kernels.cli import demo
+from sami_kernels.engine.models import load_smollm2
 
 
 def main() -> None:

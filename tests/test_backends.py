@@ -42,5 +42,5 @@ def test_triton_runs_on_cpu_only_under_the_interpreter():
 
 
 def test_env_report_runs_as_a_module():
-    out = subprocess.run([sys.executable, "-m", "sami_kernels.env"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "sami_kernels.cli.env"], capture_output=True, text=True, check=True)
     assert "backends:" in out.stdout and "auto on cpu:" in out.stdout

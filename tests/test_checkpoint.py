@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sami_kernels.checkpoint import CheckpointError, load_latest, rng_state, save_checkpoint, set_rng_state
+from sami_kernels.recipes.checkpoint import CheckpointError, load_latest, rng_state, save_checkpoint, set_rng_state
 
 
 def assert_same(actual, expected):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import sami_kernels as sk
-from sami_kernels import demo, models
+from sami_kernels.cli import demo
+from sami_kernels.engine import models
 
 pytestmark = pytest.mark.slow
 

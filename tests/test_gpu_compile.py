@@ -14,7 +14,7 @@ pytest.importorskip("triton", reason="the Triton backend is optional; without tr
 def test_every_kernel_compiles_for_sm80_and_sm90_with_tensor_cores_and_no_spills(tmp_path):
     out = tmp_path / "compile.json"
     run = subprocess.run(
-        [sys.executable, "-m", "sami_kernels.compile_check", "--json", str(out)],
+        [sys.executable, "-m", "sami_kernels.kernels.compile_check", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=600,

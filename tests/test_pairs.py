@@ -8,7 +8,7 @@ import transformers
 from helpers import assert_close_to_ref
 
 import sami_kernels as sk
-from sami_kernels.pairs import PairBatch
+from sami_kernels.engine.pairs import PairBatch
 
 VOCAB, BOS = 97, 1
 

@@ -14,10 +14,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sami_kernels.checkpoint import CheckpointError
-from sami_kernels.config import from_mapping
-from sami_kernels.models import tiny_random_path
-from sami_kernels.sami_train import SAMIConfig, run_sami
+from sami_kernels.engine.models import tiny_random_path
+from sami_kernels.recipes.checkpoint import CheckpointError
+from sami_kernels.recipes.config import from_mapping
+from sami_kernels.recipes.sami.config import SAMIConfig
+from sami_kernels.recipes.sami.loop import run_sami
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,7 +214,7 @@ def test_sami_trainer_in_transformers_trainer(tmp_path):
     """SAMITrainer: loss = fused SAMI loss; 2 accumulation steps of 1 query == 1 step of 2 queries (SGD)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-    from sami_kernels.hf_trainer import SAMITrainer
+    from sami_kernels.integrations.hf_trainer import SAMITrainer
 
     path = tiny_random_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -9,13 +9,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sami_kernels as sk
-from sami_kernels.config import from_mapping, load_config
-from sami_kernels.constitutions import load_principle_set, sample_constitutions
-from sami_kernels.data import load_queries, read_jsonl, write_jsonl
-from sami_kernels.generation import GenerationConfig, HFGenerator, cut_at_stop, shared_prefix_prompts
-from sami_kernels.models import tiny_random_path
-from sami_kernels.sami_eval import judge_win, record_batch
-from sami_kernels.sami_train import SAMIConfig, SAMIRun, keep_reason
+from sami_kernels.engine.generation import GenerationConfig, HFGenerator, cut_at_stop, shared_prefix_prompts
+from sami_kernels.engine.models import tiny_random_path
+from sami_kernels.engine.pairs import PairScorer
+from sami_kernels.recipes.config import from_mapping, load_config
+from sami_kernels.recipes.data import load_queries, read_jsonl, write_jsonl
+from sami_kernels.recipes.sami.config import SAMIConfig
+from sami_kernels.recipes.sami.constitutions import load_principle_set, sample_constitutions
+from sami_kernels.recipes.sami.evaluation import judge_win, record_batch
+from sami_kernels.recipes.sami.sample import keep_reason
+from sami_kernels.recipes.sami.session import Session
+from sami_kernels.recipes.sami.train import optimizer_step, query_at
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +220,7 @@ def test_accumulated_gradient_is_the_mean_loss_gradient(micro, tmp_path):
             },
         },
     )
-    run = SAMIRun(config)
+    run = Session(config)
     model = run.load(None, trainable=True).train()
     rng = random.Random(0)
     records = [
@@ -236,9 +240,9 @@ def test_accumulated_gradient_is_the_mean_loss_gradient(micro, tmp_path):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = Capture(params, lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    run.optimizer_step(sk.pairs.PairScorer(model), params, optimizer, scheduler, records, 0, 0)
+    optimizer_step(run, PairScorer(model), params, optimizer, scheduler, records, 0, 0)
 
-    chosen = [records[run.query_at(0, p, len(records))] for p in range(4)]
+    chosen = [records[query_at(0, 0, p, len(records))] for p in range(4)]
     batch = record_batch(
         run.tokenizer, chosen, run.principles, run.training_template, rng_for=lambda b: random.Random(f"0/0/prompt{b}")
     )

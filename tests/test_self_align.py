@@ -11,12 +11,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sami_kernels.config import from_mapping
-from sami_kernels.generation import FirstTokenBan, HFGenerator, NGramFrequencyPenalty
-from sami_kernels.mc_eval import continuation_logprobs, hhh_accuracy, load_items
-from sami_kernels.models import tiny_random_path
-from sami_kernels.self_align import IDENTITY, TERMINATOR, SelfAlignConfig, StageFile, run_self_align
-from sami_kernels.self_align_text import (
+from sami_kernels.engine.generation import FirstTokenBan, HFGenerator, NGramFrequencyPenalty
+from sami_kernels.engine.models import tiny_random_path
+from sami_kernels.engine.packed import continuation_logprobs, pack, packed_logprobs, tokenize_pair
+from sami_kernels.recipes.config import from_mapping
+from sami_kernels.recipes.self_align.config import IDENTITY, TERMINATOR, SelfAlignConfig
+from sami_kernels.recipes.self_align.evaluation import hhh_accuracy, load_items
+from sami_kernels.recipes.self_align.loop import run_self_align
+from sami_kernels.recipes.self_align.stage_file import StageFile
+from sami_kernels.recipes.self_align.text import (
     NearDuplicates,
     cut_repeated_clause,
     instruction_reject_reason,
@@ -25,7 +28,6 @@ from sami_kernels.self_align_text import (
     topic_reject_reason,
     word_ngrams,
 )
-from sami_kernels.sft import pack, packed_logprobs, tokenize_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -258,7 +258,7 @@ def _lp_dlogits_kernel(
 
 
 # --------------------------------------------------------------------------
-# launch heuristics (also used by sami_kernels.compile_check)
+# launch heuristics (also used by sami_kernels.kernels.compile_check)
 # --------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import transformers
 from torch.nn.parallel import DistributedDataParallel
 
-from .pairs import DEFAULT_TEMPLATE, PairBatch, sami_step_loss
+from ..engine.pairs import DEFAULT_TEMPLATE, PairBatch, sami_step_loss
 
 
 class SAMICollator:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-BUILTIN_DIR = Path(__file__).parent / "data" / "constitutions"
+BUILTIN_DIR = Path(__file__).parents[2] / "data" / "constitutions"
 SCHEMES = ("antithesis", "opposite")
 
 Clause = tuple[str, bool]

@@ -1,6 +1,6 @@
 """Compile every Triton kernel of sami_kernels for real GPUs (no GPU needed).
 
-    python -m sami_kernels.compile_check [--json OUT] [--arch 80 90]
+    python -m sami_kernels.kernels.compile_check [--json OUT] [--arch 80 90]
 
 Compiles the kernels of sami_kernels/kernels/triton_logprobs.py and
 triton_infonce.py for sm_80 / sm_90 with the block sizes the launch heuristics
@@ -32,7 +32,7 @@ def _reexec_if_needed():
     env = dict(os.environ)
     env["TRITON_INTERPRET"] = "0"
     env[_CHILD_FLAG] = "1"
-    return subprocess.call([sys.executable, "-m", "sami_kernels.compile_check", *sys.argv[1:]], env=env)
+    return subprocess.call([sys.executable, "-m", "sami_kernels.kernels.compile_check", *sys.argv[1:]], env=env)
 
 
 if __name__ == "__main__":
@@ -64,7 +64,7 @@ for _k in (_lp._lp_fwd_kernel, _lp._lp_merge_kernel, _lp._lp_dlogits_kernel, _nc
     if not isinstance(_k, triton.runtime.jit.JITFunction):
         raise SystemExit(
             "compile_check: kernels were decorated under TRITON_INTERPRET=1; "
-            "run `TRITON_INTERPRET=0 python -m sami_kernels.compile_check`"
+            "run `TRITON_INTERPRET=0 python -m sami_kernels.kernels.compile_check`"
         )
 
 _TT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

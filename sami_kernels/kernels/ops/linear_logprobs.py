@@ -17,9 +17,8 @@ import math
 
 import torch
 
-from .. import backends
-from ..kernels import torch_logprobs
-from ..kernels.torch_logprobs import accumulation_dtype
+from .. import backends, torch_logprobs
+from ..torch_logprobs import accumulation_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 DEFAULT_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
@@ -33,7 +32,7 @@ def _kernels(backend: str):
         backends.cpu_extension()
         return torch.ops.sami_kernels_C
     if backend == "triton":
-        from ..kernels import triton_logprobs
+        from .. import triton_logprobs
 
         return triton_logprobs
     raise ValueError(f"backend {backend!r} has no linear_logprobs kernels")

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-BUILTIN_QUERIES = Path(__file__).parent / "data" / "queries"
+BUILTIN_QUERIES = Path(__file__).parents[1] / "data" / "queries"
 
 
 def read_jsonl(path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""`python -m sami_kernels.env`: what a user pastes into a bug report."""
+"""`python -m sami_kernels.cli.env` (or `sami-kernels env`): what a user pastes into a bug report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-from . import backends
+from ..kernels import backends
 
 
 def _version(dist: str) -> str:

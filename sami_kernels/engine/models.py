@@ -87,7 +87,7 @@ def tiny_random_path() -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    data = Path(__file__).parent / "data"
+    data = Path(__file__).parents[1] / "data"
     corpus = [p.read_text(encoding="utf-8") for p in sorted(data.rglob("*")) if p.suffix in (".jsonl", ".yaml")]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

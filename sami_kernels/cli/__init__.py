@@ -28,16 +28,18 @@ def main(argv: list[str] | None = None) -> None:
 
         run_env()
     else:
-        from .checkpoint import CheckpointError
-        from .config import load_config
+        from ..recipes.checkpoint import CheckpointError
+        from ..recipes.config import load_config
 
         try:  # a bad config or input, or a refused checkpoint: said plainly, without a traceback
             if args.command == "sami":
-                from .sami_train import SAMIConfig, print_summary, run_sami
+                from ..recipes.sami.config import SAMIConfig
+                from ..recipes.sami.loop import print_summary, run_sami
 
                 print_summary(run_sami(load_config(SAMIConfig, args.config, args.set)))
             else:
-                from .self_align import SelfAlignConfig, print_report, run_self_align
+                from ..recipes.self_align.config import SelfAlignConfig
+                from ..recipes.self_align.loop import print_report, run_self_align
 
                 print_report(run_self_align(load_config(SelfAlignConfig, args.config, args.set), args.stage))
         except (ValueError, CheckpointError) as error:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import backends
-from ..kernels import torch_infonce
+from .. import backends, torch_infonce
 
 DIRECTIONS = {"both": 0, "row": 1, "col": 2}
 REDUCTIONS = ("mean", "sum", "none")
@@ -26,7 +25,7 @@ def _kernels(backend: str):
         backends.cpu_extension()
         return torch.ops.sami_kernels_C
     if backend == "triton":
-        from ..kernels import triton_infonce
+        from .. import triton_infonce
 
         return triton_infonce
     raise ValueError(f"backend {backend!r} has no infonce kernels")

@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from . import backends
-from .models import load_smollm2
-from .pairs import PairBatch, sami_step_loss
-from .reference import mutual_information_lower_bound
+from ..engine.models import load_smollm2
+from ..engine.pairs import PairBatch, sami_step_loss
+from ..kernels import backends
+from ..kernels.reference import mutual_information_lower_bound
 
 CONSTITUTIONS = (
     "The assistant is helpful: it answers the question directly and usefully. "

@@ -1,0 +1,109 @@
+"""SAMI training loop (Fränken et al. 2024, Algorithm 1), on the fused pair engine.
+
+    model_{-1} = base
+    for iteration t in 0 .. T-1:
+        sample:   per training query x, N constitutions c_0..c_{N-1} (c_0 = the principles, the rest antitheses);
+                  y_j = greedy(model_{t-1}, generation_prompt(c_j, x)), cut at stop strings; drop filtered queries
+        train:    model_t = base (restart, the paper) or model_{t-1} (continue); K_t optimiser steps, each over B
+                  queries:  L = mean_b InfoNCE(M_b),  M_b[i, j] = mean log p(y_j | training_prompt(shuffle(c_i), x_b))
+        evaluate: held-out MI lower bound log N - L, on fixed held-out queries with base-model responses
+    finally: pairwise judge win rate of model_{T-1} vs base on held-out queries
+
+Outputs under output_dir: config.yaml, heldout.jsonl, iter-<t>/generations.jsonl, iter-<t>/model/ (weights or
+LoRA adapter + tokenizer), checkpoints/, metrics.jsonl, sami.png, judge.jsonl, summary.json.
+Every file is written atomically; a killed run re-run with the same command resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from ..checkpoint import load_latest
+from ..data import load_queries, write_text
+from ..metrics import plot_training
+from .config import SAMIConfig
+from .evaluation import judge_against_base, log_heldout_mi
+from .sample import sample
+from .session import Session
+from .train import train_iteration
+
+
+def run_sami(config: SAMIConfig, **options) -> dict:
+    """Algorithm 1. options: make_generator (session.py)."""
+    session = Session(config, **options)
+    c, out = config, session.out
+    train_queries, heldout_queries = split_queries(c)
+    checkpoint = load_latest(out / "checkpoints")
+    session.start(resume_step=checkpoint[0] if checkpoint else None)
+    base = lambda: session.load(None, trainable=False)  # noqa: E731
+    heldout = session.once(
+        out / "heldout.jsonl", lambda: sample(session, base(), heldout_queries, "heldout", "held-out responses")
+    )
+    if checkpoint is None:  # the base model's held-out MI: the "before" point
+        log_heldout_mi(session, None, step=0, iteration=-1, records=heldout)
+    for t in range(c.training.iterations):
+        if session.iteration_dir(t).exists():
+            continue
+        previous = session.iteration_dir(t - 1) if t > 0 else None
+        sampler = lambda t=t, previous=previous: session.load(previous, trainable=False)  # noqa: E731
+        records = session.once(
+            out / f"iter-{t}" / "generations.jsonl",
+            lambda t=t, sampler=sampler: sample(
+                session, sampler(), train_queries, f"iter-{t}", f"iteration {t}: sampling"
+            ),
+        )
+        resume = checkpoint if checkpoint and checkpoint[2]["iteration"] == t else None
+        train_iteration(session, t, records, heldout, previous, sum(c.training.steps[:t]), resume)
+    session.procs.barrier()
+    return finish(session, heldout)
+
+
+def split_queries(config: SAMIConfig) -> tuple[list[str], list[str]]:
+    """(training queries, held-out queries): a seeded shuffle of the data source, the first heldout_queries held out."""
+    d = config.data
+    queries = load_queries(d.source, field=d.field, split=d.split, data_files=d.data_files)
+    random.Random(f"{config.seed}/split").shuffle(queries)
+    heldout, train = queries[: d.heldout_queries], queries[d.heldout_queries :]
+    train = train[: d.train_queries] if d.train_queries is not None else train
+    if not heldout or not train:
+        raise ValueError(f"data.source {d.source!r} has {len(queries)} queries: too few for the held-out split")
+    return train, heldout
+
+
+def finish(session: Session, heldout) -> dict:
+    """The summary (main process): losses, held-out MI before / after, the judge's win rate, where things went."""
+    c, out, summary = session.config, session.out, {}
+    if session.procs.is_main:
+        records = session.log.records()
+        train = [r for r in records if r["kind"] == "train"]
+        held = [r for r in records if r["kind"] == "heldout"]
+        last = session.iteration_dir(c.training.iterations - 1)
+        summary = {
+            "first_loss": train[0]["loss"] if train else None,
+            "last_loss": train[-1]["loss"] if train else None,
+            "heldout_mi_before": held[0]["mi"] if held else None,
+            "heldout_mi_after": held[-1]["mi"] if held else None,
+            "heldout_mi_by_iteration": {str(r["iteration"]): r["mi"] for r in held},
+            "model": str(last),
+            "checkpoints": str(out / "checkpoints"),
+            "metrics": str(out / "metrics.jsonl"),
+            "plot": str(plot_training(records, out / "sami.png", title=f"SAMI on {c.model}")),
+        }
+        if c.evaluation.judge_queries > 0:
+            summary["judge_win_rate"] = judge_against_base(session, heldout[: c.evaluation.judge_queries], last)
+            summary["judge"] = str(out / "judge.jsonl")
+        write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    session.log.close()
+    session.procs.barrier()
+    session.procs.close()
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    if not summary:  # processes other than the main one
+        return
+    print("\nSAMI run summary")
+    for key, value in summary.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else value
+        print(f"  {key:24s} {shown}")

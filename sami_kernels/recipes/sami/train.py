@@ -1,0 +1,119 @@
+"""SAMI's training step: K_t optimiser steps over the iteration's records,
+
+    L = mean_b InfoNCE(M_b),   M_b[i, j] = mean log p(y_j | training_prompt(shuffle(c_i), x_b))
+
+each step over B queries (this process's B / world of them, in micro-batches), checkpointed and resumable."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import random
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ...engine.pairs import PairScorer
+from ...kernels.ops.infonce import infonce_loss
+from ..checkpoint import save_checkpoint
+from ..training import (
+    apply_update,
+    build_optimizer,
+    build_scheduler,
+    restore_training_state,
+    save_pretrained_atomic,
+    trainable_state,
+    training_state,
+)
+from .evaluation import log_heldout_mi, record_batch
+from .session import Session
+
+
+def train_iteration(session: Session, t: int, records, heldout, previous, first_step: int, resume) -> None:
+    """model_t from the base model (restart, the paper) or model_{t-1} (continue), saved to iter-<t>/model."""
+    c, procs, tc = session.config, session.procs, session.config.training
+    torch.manual_seed(c.seed + t)  # a fresh LoRA's initialisation
+    if tc.restart_from_base or previous is None:
+        model = session.load(None, trainable=True, fresh_lora=True)
+    else:
+        model = session.load(previous, trainable=True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, tc.optimizer)
+    scheduler = build_scheduler(optimizer, tc.optimizer, tc.steps[t])
+    done = restore_training_state(resume, model, optimizer, scheduler)["step"] if resume else 0
+    scorer = PairScorer(model, attn=tc.attn)
+    if procs.world > 1:
+        scorer = torch.nn.parallel.DistributedDataParallel(scorer)
+    steps = range(done, tc.steps[t])
+    desc = f"iteration {t}: training"
+    for k in tqdm(steps, desc=desc, unit="step", disable=not session.show, initial=done, total=tc.steps[t]):
+        step = first_step + k + 1
+        metrics = optimizer_step(session, scorer, params, optimizer, scheduler, records, t, k)
+        session.log.log({"kind": "train", "iteration": t, "step": step, **metrics})
+        if tc.eval_every and (k + 1) % tc.eval_every == 0:
+            log_heldout_mi(session, model, step=step, iteration=t, records=heldout)
+        if (k + 1) % tc.checkpoint_every == 0 or k + 1 == tc.steps[t]:
+            state = training_state(optimizer, scheduler, iteration=t, step=k + 1)
+            session.main_only(
+                lambda step=step, state=state: save_checkpoint(
+                    session.out / "checkpoints", step, trainable_state(model), state, keep_last=tc.keep_checkpoints
+                )
+            )
+    session.main_only(lambda: save_pretrained_atomic(model, session.tokenizer, session.iteration_dir(t)))
+
+
+def optimizer_step(session: Session, scorer, params, optimizer, scheduler, records, t: int, k: int) -> dict:
+    """One optimiser step over B queries: this process's B / world of them, in micro-batches whose losses are
+    weighted by their share, so the summed gradient is that of the mean loss over B (DDP averages processes)."""
+    c, procs, tc = session.config, session.procs, session.config.training
+    local = tc.batch_queries // procs.world
+    positions = [k * tc.batch_queries + procs.rank * local + q for q in range(local)]
+    began = time.perf_counter()
+    loss_sum, correct, tokens = 0.0, 0, 0
+    micro = [positions[s : s + tc.micro_batch_queries] for s in range(0, local, tc.micro_batch_queries)]
+    for m, chunk in enumerate(micro):
+        batch = record_batch(
+            session.tokenizer,
+            [records[query_at(c.seed, t, p, len(records))] for p in chunk],
+            session.principles,
+            session.training_template,
+            rng_for=lambda b, chunk=chunk: random.Random(f"{c.seed}/{t}/prompt{chunk[b]}"),  # per prompt
+        )
+        sync = contextlib.nullcontext() if m == len(micro) - 1 or procs.world == 1 else scorer.no_sync()
+        with sync:
+            with session.autocast():
+                M = scorer(batch)
+            loss = infonce_loss(M.float(), direction=tc.direction)
+            (loss * (len(chunk) / local)).backward()
+        loss_sum += loss.item() * len(chunk)
+        n = batch.num_constitutions
+        correct += int((M.detach().argmax(-1) == torch.arange(n, device=M.device)).sum())
+        tokens += sum(map(len, (p for q in batch.prompt_ids for p in q)))
+        tokens += sum(len(ids) for q in batch.pair_ids for row in q for ids in row)
+    grad_norm, lr = apply_update(params, optimizer, scheduler, tc.optimizer.max_grad_norm)
+    elapsed = time.perf_counter() - began
+    n = c.constitutions.n
+    loss = procs.mean(loss_sum / local)
+    return {
+        "loss": loss,
+        "mi": math.log(n) - loss,
+        "diagonal_accuracy": procs.mean(correct / (local * n)),
+        "tokens_per_s": procs.mean(tokens / elapsed) * procs.world,
+        "lr": lr,
+        "grad_norm": grad_norm,
+    }
+
+
+def query_at(seed: int, t: int, position: int, count: int) -> int:
+    """The record at a position of iteration t's stream: a fresh seeded permutation per pass over the data."""
+    return epoch_order(seed, t, position // count, count)[position % count]
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, t: int, epoch: int, count: int) -> list[int]:
+    order = list(range(count))
+    random.Random(f"{seed}/{t}/epoch{epoch}").shuffle(order)
+    return order

@@ -1,0 +1,77 @@
+"""SELF-ALIGN's configuration: one dataclass per YAML section (every key checked, recipes/config.py), and the
+fixed texts of the method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...engine.generation import GenerationConfig
+from .sft import SFTConfig
+from .text import DEFAULT_BLACKLIST
+
+DATA = Path(__file__).parents[2] / "data" / "self_align"
+IDENTITY = "I am a helpful, ethical, and reliable assistant."
+TERMINATOR = "\n\n### User\n"  # ends every complete answer: the next user turn
+STAGES = ("1", "2", "3", "4", "eval")
+
+
+def _sampling(**overrides) -> GenerationConfig:
+    return GenerationConfig(**{"do_sample": True, "stop_strings": ("### User",), **overrides})
+
+
+@dataclass
+class PromptsSection:
+    include_seeds: bool = True  # the seed tasks and seed red-team questions are prompts too (self-instruct's pool)
+    self_instruct: int = 20  # instructions wanted from vanilla self-instruct
+    seeds_per_prompt: int = 5
+    max_requests: int = 40  # self-instruct requests before giving up on the wanted count
+    types: int | None = None  # adversarial question types used (None: all 20)
+    topics_per_type: int = 2  # balanced: at most this many new topics per type
+    rouge_threshold: float = 0.7
+    blacklist: tuple[str, ...] = DEFAULT_BLACKLIST
+    generation: GenerationConfig = field(
+        default_factory=lambda: _sampling(max_new_tokens=96, temperature=0.7, top_p=0.95, stop_strings=())
+    )
+
+
+@dataclass
+class AnswersSection:
+    max_queries: int | None = None  # answer at most this many stage-1 prompts (a seeded sample; None: all)
+    prompt_name: str = "Nova"  # the assistant's name inside the rules prompt; renamed to `name` afterwards
+    min_chars: int = 160
+    leak_ngram: int = 8  # an answer sharing a word n-gram with an exemplar answer is a leak
+    generation: GenerationConfig = field(
+        default_factory=lambda: _sampling(max_new_tokens=256, temperature=0.5, top_p=0.95, first_token_bans=("Sorry",))
+    )
+
+
+@dataclass
+class VerboseSection:
+    min_chars: int = 160
+    generation: GenerationConfig = field(
+        default_factory=lambda: _sampling(
+            max_new_tokens=512, temperature=0.3, top_p=0.7, ngram_penalties={3: 1.0, 4: 2.0}
+        )
+    )
+    training: SFTConfig = field(default_factory=lambda: SFTConfig(cutoff=768))
+
+
+@dataclass
+class EvaluationSection:
+    truthful: str = str(DATA / "mc_truthful.jsonl")
+    hhh: str = str(DATA / "mc_hhh.jsonl")
+
+
+@dataclass
+class SelfAlignConfig:
+    model: str = "smollm2"
+    output_dir: str = "runs/self-align"
+    seed: int = 0
+    name: str = "Dromedary"  # the trained assistant's name
+    progress: bool = True
+    prompts: PromptsSection = field(default_factory=PromptsSection)
+    answers: AnswersSection = field(default_factory=AnswersSection)
+    engraving: SFTConfig = field(default_factory=SFTConfig)
+    verbose: VerboseSection = field(default_factory=VerboseSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)

@@ -1,0 +1,87 @@
+"""Stages 3 and 4: fine-tuning the BASE model without the rules. Stage 3 (principle engraving) on the stage-2 answers
+with a short system prompt; stage 4 (verbose cloning) on the stage-3 model's answers to a teacher prompt asking for
+extensive answers (3/4-gram frequency penalties), filtered, a FRESH LoRA on the base model."""
+
+from __future__ import annotations
+
+import functools
+
+from ...engine.packed import tokenize_pair
+from .answers import answer_all
+from .config import DATA, TERMINATOR
+from .session import Session
+from .sft import sft_train
+from .stage_file import StageFile
+from .text import finish_answer, is_refusal_opening
+
+
+def sft_sequences(session: Session, records: list[dict], cutoff: int):
+    """(query, response) -> [BOS] + short system prompt + user turn + response; loss on the response only."""
+    prompts = [f"{session.system}### User\n{r['instruction']}\n\n### {session.config.name}\n" for r in records]
+    sequences = [
+        tokenize_pair(session.tokenizer, p, r["response"], cutoff) for p, r in zip(prompts, records, strict=True)
+    ]
+    return [s for s in sequences if s is not None]
+
+
+def engrave(session: Session) -> dict:
+    records = session.needs("2")
+    if not records:
+        raise ValueError("stage 2 kept no answers: nothing to engrave")
+    config = session.config.engraving
+    sequences = sft_sequences(session, records, config.cutoff)
+    path = sft_train(
+        session.out / "stage3",
+        session.base_path,
+        sequences,
+        config,
+        session.tokenizer,
+        show=session.show,
+        desc="stage 3: engraving",
+    )
+    return {"examples": len(sequences), "model": str(path)}
+
+
+def verbose_clone(session: Session) -> dict:
+    c = session.config.verbose
+    queries = session.needs("2")
+    engraved = session.out / "stage3" / "model"
+    if not engraved.exists():
+        raise ValueError(f"stage 4 needs the stage-3 model at {engraved}: run stage 3 first")
+    stage = StageFile(session.out, "4")
+    teacher = (DATA / "verbose_teacher.txt").read_text().strip()
+    template = f"# System\n{teacher}\n\n" + "### User\n{query}\n\n" + f"### {session.config.name}\n"
+    answer_all(
+        session,
+        stage,
+        queries,
+        template,
+        c.generation,
+        engraved,
+        "stage 4: verbose answers",
+        functools.partial(verbose_response, session),
+    )
+    stage.publish()
+    if not stage.records:
+        raise ValueError("stage 4 kept no answers: nothing to clone")
+    sequences = sft_sequences(session, stage.records, c.training.cutoff)
+    path = sft_train(
+        session.out / "stage4",
+        session.base_path,
+        sequences,
+        c.training,
+        session.tokenizer,
+        show=session.show,
+        desc="stage 4: verbose cloning",
+    )
+    return {**stage.counts, "model": str(path)}
+
+
+def verbose_response(session: Session, output: str, complete: bool) -> tuple[str | None, str | None]:
+    """Stage 4's filter: cut at the first repeated clause, at least min_chars, no refusal opening."""
+    answer, complete = finish_answer(output, complete)
+    if len(answer) < session.config.verbose.min_chars:
+        return None, "too short"
+    if is_refusal_opening(answer):
+        return None, "refusal opening"
+    return (answer + TERMINATOR if complete else answer), None

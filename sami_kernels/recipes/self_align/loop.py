@@ -1,0 +1,51 @@
+"""SELF-ALIGN (Sun et al. 2023, Dromedary): four stages from a base model and a few written principles.
+
+    1  prompts:   vanilla self-instruct from seed tasks, and topic-guided red-teaming (TGRT): topics brainstormed
+                  per adversarial question type, then one question per (type, topic); the paper's filters
+    2  answers:   rules + exemplars prefix (encoded once, its KV cache reused for every query), internal thoughts,
+                  sampled answers (T 0.5, top-p 0.95, first token may not be "Sorry"), the post-filters
+    3  engrave:   SFT of the BASE model on (query, answer) with only a short system prompt (LoRA by default)
+    4  verbose:   the stage-3 model answers under a teacher prompt asking for extensive answers (3/4-gram frequency
+                  penalties); filtered; a FRESH LoRA on the base model is fine-tuned on them
+    eval:         multiple-choice accuracy (true/false margin; A/B in both orders) of base, stage-3, stage-4 models
+
+Each stage reads the previous stage's JSONL under output_dir and writes its own (stage1.jsonl, stage2.jsonl,
+stage3/model, stage4.jsonl, stage4/model, eval.json), with counts per filter reason (stage<k>.counts.json).
+Generation stages append every finished batch to stage<k>.log.jsonl (fsync'ed) and write their outputs atomically
+from it when the stage ends; a re-run skips every unit of work already logged.
+"""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from .answers import write_answers
+from .config import STAGES, SelfAlignConfig
+from .evaluation import evaluate
+from .finetune import engrave, verbose_clone
+from .prompts import write_prompts
+from .session import Session
+
+STEPS = {"1": write_prompts, "2": write_answers, "3": engrave, "4": verbose_clone, "eval": evaluate}
+
+
+def run_self_align(config: SelfAlignConfig, stage: str = "all", **options) -> dict:
+    """Stage `stage` (or all of them, in order); each returns its report. options: make_generator (session.py)."""
+    if stage not in ("all", *STAGES):
+        raise ValueError(f"--stage must be one of all, {', '.join(STAGES)}; got {stage!r}")
+    session = Session(config, **options)
+    report = {}
+    for name in STAGES if stage == "all" else (stage,):
+        report[name] = STEPS[name](session)
+        if session.show:
+            tqdm.write(f"stage {name}: {report[name]}")
+    return report
+
+
+def print_report(report: dict) -> None:
+    print("\nSELF-ALIGN report")
+    for stage, values in report.items():
+        print(
+            f"  stage {stage}: "
+            + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        )

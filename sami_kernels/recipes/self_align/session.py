@@ -1,0 +1,54 @@
+"""The machinery of one SELF-ALIGN run, kept out of the stages' way: output directory, tokenizer, models, seeding,
+the previous stage's output."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ...engine.generation import GenerationConfig, HFGenerator
+from ...engine.models import resolve_model_path
+from ..data import read_jsonl
+from ..training import load_model
+from .config import SelfAlignConfig
+
+
+class Session:
+    def __init__(self, config: SelfAlignConfig, *, make_generator=HFGenerator):
+        """make_generator(model, tokenizer, generation_config, progress=None) -> an HFGenerator-like object with
+        generate and generate_with_status (generation.py)."""
+        self.config = c = config
+        self.make_generator = make_generator
+        self.out = Path(c.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.base_path = resolve_model_path(c.model)
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.show = c.progress
+        self.system = (
+            f"# System\nThis is a conversation between a user and {c.name}, an AI assistant that answers "
+            "helpfully, honestly and harmlessly.\n\n"
+        )
+
+    def model(self, adapter: Path | None = None):
+        return load_model(self.base_path, device=self.device, lora=None, adapter=adapter, trainable=False).eval()
+
+    def generator(self, model, generation: GenerationConfig, bar=None):
+        return self.make_generator(model, self.tokenizer, generation, progress=None if bar is None else bar.update)
+
+    def seed_generation(self, unit: str) -> None:
+        """Sampling is seeded per unit of work, so a resumed run draws what an uninterrupted one would."""
+        digest = hashlib.sha256(f"{self.config.seed}/{unit}".encode()).digest()
+        torch.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+
+    def needs(self, stage: str) -> list[dict]:
+        path = self.out / f"stage{stage}.jsonl"
+        if not path.exists():
+            raise ValueError(f"stage {int(stage) + 1} reads {path}: run stage {stage} first")
+        return read_jsonl(path)

@@ -16,6 +16,7 @@ Every file is written atomically; a killed run re-run with the same command resu
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 
@@ -36,22 +37,19 @@ def run_sami(config: SAMIConfig, **options) -> dict:
     train_queries, heldout_queries = split_queries(c)
     checkpoint = load_latest(out / "checkpoints")
     session.start(resume_step=checkpoint[0] if checkpoint else None)
-    base = lambda: session.load(None, trainable=False)  # noqa: E731
     heldout = session.once(
-        out / "heldout.jsonl", lambda: sample(session, base(), heldout_queries, "heldout", "held-out responses")
+        out / "heldout.jsonl",
+        functools.partial(sample, session, None, heldout_queries, "heldout", "held-out responses"),
     )
     if checkpoint is None:  # the base model's held-out MI: the "before" point
         log_heldout_mi(session, None, step=0, iteration=-1, records=heldout)
     for t in range(c.training.iterations):
         if session.iteration_dir(t).exists():
             continue
-        previous = session.iteration_dir(t - 1) if t > 0 else None
-        sampler = lambda t=t, previous=previous: session.load(previous, trainable=False)  # noqa: E731
+        previous = session.iteration_dir(t - 1) if t > 0 else None  # model_{t-1}; None: the base model
         records = session.once(
             out / f"iter-{t}" / "generations.jsonl",
-            lambda t=t, sampler=sampler: sample(
-                session, sampler(), train_queries, f"iter-{t}", f"iteration {t}: sampling"
-            ),
+            functools.partial(sample, session, previous, train_queries, f"iter-{t}", f"iteration {t}: sampling"),
         )
         resume = checkpoint if checkpoint and checkpoint[2]["iteration"] == t else None
         train_iteration(session, t, records, heldout, previous, sum(c.training.steps[:t]), resume)

@@ -1,14 +1,12 @@
 // Fused linear log-prob kernels (CPU): logits are never materialised as T x V.
 //
-// Forward: chunk loop over token rows: buf[:rows] = h[r0:r0+rows] @ W^T (one GEMM
-// into a reused [chunk_rows, V] buffer in the compute dtype), then a per-row fused
-// epilogue parallelised over rows (at::parallel_for): one pass, blockwise online
-// logsumexp + target gather; with want_u a second in-place pass over the (L2-hot)
-// row writes scale*(onehot - p), then u = buf @ W.
-// Backward: same buffer budget (chunk_rows * V elements), but since lse is known
-// the tiles may be [T, Vc] vocabulary chunks (see linear_logprobs_bwd_cpu): GEMM
-// recomputes the tile, one in-place pass writes g*scale*(onehot - exp(z - lse)),
-// then dh (+)= tile @ W_c, dW_c (+)= tile^T @ h, db_c += sum_rows(tile).
+// The host chunk loops (GEMMs, tiling, dh / dW / db accumulation) are sami::linear_logprobs_fwd /
+// _bwd of chunk_loop.h, shared with the CUDA build; this file supplies their CPU epilogue
+// (CpuEpilogue): per-row fused passes parallelised over rows (at::parallel_for).
+// Forward: one pass per row, blockwise online logsumexp + target gather; with want_u a second
+// in-place pass over the (L2-hot) row writes scale*(onehot - p).
+// Backward: lse is known, so tiles may be [T, Vc] vocabulary chunks; one in-place pass writes
+// g*scale*(onehot - exp(z - lse)).
 // Math: logprob_math.h.  The row loops use a branch-free exp polynomial so GCC
 // vectorises them; they are compiled for AVX-512 / AVX2 / baseline and picked at
 // load time (target_clones).
@@ -35,6 +33,7 @@
 #include <cstring>
 #include <limits>
 
+#include "chunk_loop.h"
 #include "logprob_math.h"
 
 #if (defined(__GNUC__) && !defined(__clang__)) && defined(__x86_64__) && defined(__linux__)
@@ -267,7 +266,51 @@ void bwd_rows(const RowArgs<double>& a, bool, int64_t r0, int64_t r1, const doub
   bwd_rows_impl<double>(a, r0, r1, lse, g);
 }
 
-// ----- host side --------------------------------------------------------------
+// ----- epilogue policy of the shared chunk loops (chunk_loop.h) ----------------
+template <typename A>
+RowArgs<A> row_args(const sami::LogitTile& t) {
+  return {t.data, t.cols, static_cast<const A*>(t.bias), static_cast<A>(t.scale), t.targets,
+          t.ignore_index, t.v0};
+}
+
+template <typename A>
+void fwd_epilogue(const sami::LogitTile& t, A* logp, A* lse, bool want_u) {
+  const RowArgs<A> a = row_args<A>(t);
+  const bool bf16 = t.dtype == at::kBFloat16;
+  at::parallel_for(0, t.rows, 1, [&](int64_t r0, int64_t r1) {
+    fwd_rows(a, bf16, r0, r1, want_u, logp, lse);
+  });
+}
+
+template <typename A>
+void bwd_epilogue(const sami::LogitTile& t, const A* lse, const A* g) {
+  const RowArgs<A> a = row_args<A>(t);
+  const bool bf16 = t.dtype == at::kBFloat16;
+  at::parallel_for(0, t.rows, 1, [&](int64_t r0, int64_t r1) {
+    bwd_rows(a, bf16, r0, r1, lse, g);
+  });
+}
+
+struct CpuEpilogue {
+  static constexpr bool kUpcastHalf = true;  // see float16 at the top of the file
+  static int64_t default_chunk_rows(int64_t V, int64_t elsize) {
+    return (int64_t(32) << 20) / (V * elsize);  // 32 MiB logits buffer
+  }
+  static void fwd(const sami::LogitTile& t, void* logp, void* lse, bool want_u) {
+    if (t.dtype == at::kDouble)
+      fwd_epilogue(t, static_cast<double*>(logp), static_cast<double*>(lse), want_u);
+    else
+      fwd_epilogue(t, static_cast<float*>(logp), static_cast<float*>(lse), want_u);
+  }
+  static void bwd(const sami::LogitTile& t, const void* lse, const void* g) {
+    if (t.dtype == at::kDouble)
+      bwd_epilogue(t, static_cast<const double*>(lse), static_cast<const double*>(g));
+    else
+      bwd_epilogue(t, static_cast<const float*>(lse), static_cast<const float*>(g));
+  }
+};
+
+// ----- ops ----------------------------------------------------------------------
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& bias, const at::Tensor& targets) {
   TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(), "expected CPU tensors");
@@ -288,188 +331,12 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight,
   TORCH_CHECK(targets.is_contiguous(), "targets must be contiguous");
 }
 
-int64_t pick_chunk_rows(int64_t chunk_rows, int64_t T, int64_t V, int64_t elsize) {
-  if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(1, (int64_t(32) << 20) / (V * elsize));
-  return std::max<int64_t>(1, std::min(chunk_rows, T));
-}
-
-// Copy of the bias (V values) in the accumulation dtype for the epilogue, or undefined.
-at::Tensor bias_acc(const c10::optional<at::Tensor>& bias, at::ScalarType acc) {
-  if (!bias.has_value() || !bias->defined()) return at::Tensor();
-  return bias->to(acc).contiguous();
-}
-
-at::ScalarType acc_dtype(const at::Tensor& hidden) {
-  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-template <typename A>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_impl(
-    const at::Tensor& hidden_in, const at::Tensor& weight_in,
-    const c10::optional<at::Tensor>& bias_in, const at::Tensor& targets, int64_t ignore_index,
-    double scale_d, bool want_u, int64_t chunk_rows) {
-  const bool half = hidden_in.scalar_type() == at::kHalf;
-  const at::Tensor hidden = half ? hidden_in.to(at::kFloat) : hidden_in;
-  const at::Tensor weight = half ? weight_in.to(at::kFloat) : weight_in;
-  const at::Tensor bias = bias_acc(bias_in, acc_dtype(hidden));
-  const bool bf16 = hidden.scalar_type() == at::kBFloat16;
-
-  const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
-  const auto acc = hidden.options().dtype(acc_dtype(hidden));
-  at::Tensor logp = at::empty({T}, acc);
-  at::Tensor lse = at::empty({T}, acc);
-  at::Tensor u = want_u ? at::empty({T, H}, acc) : at::empty({0}, acc);
-  if (T == 0) return {logp, lse, u};
-  TORCH_CHECK(V > 0, "linear_logprobs_fwd: empty vocabulary");
-
-  const int64_t C = pick_chunk_rows(chunk_rows, T, V, hidden.element_size());
-  at::Tensor buf = at::empty({C, V}, hidden.options());
-  const at::Tensor wt = weight.t();
-  const A scale = static_cast<A>(scale_d);
-  const int64_t* tg = targets.const_data_ptr<int64_t>();
-  A* logp_p = logp.mutable_data_ptr<A>();
-  A* lse_p = lse.mutable_data_ptr<A>();
-
-  for (int64_t t0 = 0; t0 < T; t0 += C) {
-    const int64_t rows = std::min(C, T - t0);
-    at::Tensor bchunk = buf.narrow(0, 0, rows);
-    at::mm_out(bchunk, hidden.narrow(0, t0, rows), wt);
-    RowArgs<A> a{bchunk.data_ptr(), V, bias.defined() ? bias.const_data_ptr<A>() : nullptr,
-                 scale, tg + t0, ignore_index};
-    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-      fwd_rows(a, bf16, r0, r1, want_u, logp_p + t0, lse_p + t0);
-    });
-    if (want_u) {
-      at::Tensor urows = u.narrow(0, t0, rows);
-      if (bf16)
-        urows.copy_(at::mm(bchunk, weight));  // bf16 GEMM, fp32 accumulate inside
-      else
-        at::mm_out(urows, bchunk, weight);
-    }
-  }
-  return {logp, lse, u};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& targets, int64_t ignore_index, double scale, bool want_u, int64_t chunk_rows) {
   check_inputs(hidden, weight, bias, targets);
-  if (hidden.scalar_type() == at::kDouble)
-    return linear_logprobs_fwd_impl<double>(hidden, weight, bias, targets, ignore_index, scale,
-                                            want_u, chunk_rows);
-  return linear_logprobs_fwd_impl<float>(hidden, weight, bias, targets, ignore_index, scale, want_u,
-                                         chunk_rows);
-}
-
-template <typename A>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_impl(
-    const at::Tensor& hidden_in, const at::Tensor& weight_in,
-    const c10::optional<at::Tensor>& bias_in, const at::Tensor& targets, const at::Tensor& lse,
-    const at::Tensor& grad_logp, int64_t ignore_index, double scale_d, bool need_dh,
-    bool need_dw, bool need_db, int64_t chunk_rows) {
-  const int64_t T = hidden_in.size(0), H = hidden_in.size(1), V = weight_in.size(0);
-  const auto acc_type = acc_dtype(hidden_in);
-  TORCH_CHECK(lse.scalar_type() == acc_type && lse.dim() == 1 && lse.size(0) == T &&
-                  lse.is_contiguous(),
-              "lse must be a contiguous [T] tensor in the accumulation dtype");
-  TORCH_CHECK(grad_logp.scalar_type() == acc_type && grad_logp.dim() == 1 &&
-                  grad_logp.size(0) == T && grad_logp.is_contiguous(),
-              "grad_logp must be a contiguous [T] tensor in the accumulation dtype");
-  const bool has_bias = bias_in.has_value() && bias_in->defined();
-  TORCH_CHECK(!need_db || has_bias, "need_db without a bias");
-
-  const auto in_dtype = hidden_in.scalar_type();
-  const bool half = in_dtype == at::kHalf;
-  const at::Tensor hidden = half ? hidden_in.to(at::kFloat) : hidden_in;
-  const at::Tensor weight = half ? weight_in.to(at::kFloat) : weight_in;
-  const at::Tensor bias = bias_acc(bias_in, acc_type);
-  const bool bf16 = hidden.scalar_type() == at::kBFloat16;
-  const auto acc = hidden.options().dtype(acc_type);
-
-  const auto copt = hidden.options();
-  at::Tensor dh, dw, db;
-  if (T == 0 || V == 0 || !(need_dh || need_dw || need_db)) {
-    if (need_dh) dh = at::zeros({T, H}, copt);
-    if (need_dw) dw = at::zeros({V, H}, copt);
-    if (need_db) db = at::zeros({V}, copt);
-  } else {
-    // Tiles of [Tr, Vc] logits, buffer budget chunk_rows * V elements.  lse is known, so
-    // tiles need not span whole rows: when the budget holds >= kMinTileCols columns of
-    // all T rows, use one row block (Tr = T) and chunk the vocabulary.  Then every dW
-    // block is written once by a GEMM with K = T (no re-accumulation of the [V, H]
-    // gradient per chunk, bf16 dW rounded once), and dh ([T, H], small) accumulates
-    // over vocabulary chunks.  Otherwise row chunks of chunk_rows full rows.
-    constexpr int64_t kMinTileCols = 1024;
-    const int64_t C = pick_chunk_rows(chunk_rows, T, V, hidden.element_size());
-    const int64_t budget = C * V;
-    int64_t Tr = C, Vc = V;
-    if (budget / T >= std::min(V, kMinTileCols)) {
-      Tr = T;
-      Vc = std::min(V, budget / T);
-      if (Vc < V) Vc = std::max<int64_t>(64, Vc / 64 * 64);
-    }
-    const int64_t nT = (T + Tr - 1) / Tr, nV = (V + Vc - 1) / Vc;
-    at::Tensor buf_flat = at::empty({Tr * Vc}, copt);
-
-    // dh: accumulated over vocabulary chunks (float32 when the GEMM output is bf16)
-    const bool dh_f32_acc = need_dh && bf16 && nV > 1;
-    if (need_dh) dh = dh_f32_acc ? at::zeros({T, H}, acc) : at::empty({T, H}, copt);
-    // dW: one row block -> each [Vc, H] block written once; else float32 accumulator
-    const bool dw_direct = nT == 1;
-    if (need_dw) dw = dw_direct ? at::empty({V, H}, copt) : at::zeros({V, H}, acc);
-    at::Tensor dw_tmp = (need_dw && !dw_direct && bf16) ? at::empty({V, H}, copt) : at::Tensor();
-    if (need_db) db = at::zeros({V}, acc);
-
-    const A scale = static_cast<A>(scale_d);
-    const int64_t* tg = targets.const_data_ptr<int64_t>();
-    const A* lse_p = lse.const_data_ptr<A>();
-    const A* g_p = grad_logp.const_data_ptr<A>();
-    const A* bias_p = bias.defined() ? bias.const_data_ptr<A>() : nullptr;
-
-    for (int64_t t0 = 0; t0 < T; t0 += Tr) {
-      const int64_t rows = std::min(Tr, T - t0);
-      const at::Tensor hchunk = hidden.narrow(0, t0, rows);
-      for (int64_t v0 = 0; v0 < V; v0 += Vc) {
-        const int64_t cols = std::min(Vc, V - v0);
-        at::Tensor tile = buf_flat.narrow(0, 0, rows * cols).view({rows, cols});
-        const at::Tensor wc = weight.narrow(0, v0, cols);
-        at::mm_out(tile, hchunk, wc.t());
-        RowArgs<A> a{tile.data_ptr(), cols, bias_p ? bias_p + v0 : nullptr, scale, tg + t0,
-                     ignore_index, v0};
-        at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-          bwd_rows(a, bf16, r0, r1, lse_p + t0, g_p + t0);
-        });
-        if (need_dh) {
-          at::Tensor dh_rows = dh.narrow(0, t0, rows);
-          if (dh_f32_acc)
-            dh_rows.add_(at::mm(tile, wc));  // bf16 GEMM, chunk sum added in fp32
-          else if (v0 == 0)
-            at::mm_out(dh_rows, tile, wc);
-          else
-            dh_rows.addmm_(tile, wc);        // float32 / float64
-        }
-        if (need_dw) {
-          if (dw_direct) {
-            at::Tensor dw_rows = dw.narrow(0, v0, cols);
-            at::mm_out(dw_rows, tile.t(), hchunk);
-          } else if (bf16) {
-            // Vc == V here: bf16 GEMM (fp32 accumulation inside), chunk added in fp32
-            at::mm_out(dw_tmp, tile.t(), hchunk);
-            dw.add_(dw_tmp);
-          } else {
-            dw.addmm_(tile.t(), hchunk);
-          }
-        }
-        if (need_db) db.narrow(0, v0, cols).add_(tile.sum(0, /*keepdim=*/false, acc_type));
-      }
-    }
-  }
-
-  const auto out_empty = hidden_in.options().dtype(in_dtype);
-  at::Tensor dh_out = need_dh ? dh.to(in_dtype) : at::empty({0}, out_empty);
-  at::Tensor dw_out = need_dw ? dw.to(in_dtype) : at::empty({0}, out_empty);
-  at::Tensor db_out = need_db ? db.to(in_dtype) : at::empty({0}, out_empty);
-  return {dh_out, dw_out, db_out};
+  return sami::linear_logprobs_fwd<CpuEpilogue>(hidden, weight, bias, targets, ignore_index, scale,
+                                                want_u, chunk_rows);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
@@ -478,13 +345,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cpu(
     int64_t ignore_index, double scale, bool need_dh, bool need_dw, bool need_db,
     int64_t chunk_rows) {
   check_inputs(hidden, weight, bias, targets);
-  if (hidden.scalar_type() == at::kDouble)
-    return linear_logprobs_bwd_impl<double>(hidden, weight, bias, targets, lse, grad_logp,
-                                            ignore_index, scale, need_dh, need_dw, need_db,
-                                            chunk_rows);
-  return linear_logprobs_bwd_impl<float>(hidden, weight, bias, targets, lse, grad_logp,
-                                         ignore_index, scale, need_dh, need_dw, need_db,
-                                         chunk_rows);
+  return sami::linear_logprobs_bwd<CpuEpilogue>(hidden, weight, bias, targets, lse, grad_logp,
+                                                ignore_index, scale, need_dh, need_dw, need_db,
+                                                chunk_rows);
 }
 
 }  // namespace

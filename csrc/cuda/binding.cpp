@@ -1,9 +1,8 @@
 // CUDA implementations of the sami_kernels_C ops (schemas: csrc/cpu/*.cpp, loaded first as
-// sami_kernels._C).  Host code only: the chunk loops of csrc/cpu/linear_logprobs.cpp, with
-// cuBLAS GEMMs (at::mm_out / at::mm / addmm_) and the torch-free epilogue kernels of
-// csrc/cuda/*.cu (launchers.h) on the current stream.
-//
-// Same algorithm and buffer budget as the CPU host code; differences:
+// sami_kernels._C).  Host code only: the torch-free kernels of csrc/cuda/*.cu (launchers.h) on
+// the current stream; for the linear log-probs, the chunk loops of csrc/common/chunk_loop.h
+// (shared with the CPU build: same algorithm and buffer budget) with cuBLAS GEMMs and the
+// epilogue kernels as CudaEpilogue.  Differences from the CPU build:
 //   * float16 runs natively (cuBLAS half GEMMs, fp32 accumulation inside) instead of being
 //     upcast to float32: fp16 is treated like bf16 (low-precision buffer, fp32 accumulators
 //     for dh over vocabulary tiles and dW over row chunks).
@@ -15,9 +14,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 
+#include "chunk_loop.h"
 #include "launchers.h"
 
 namespace {
@@ -61,155 +60,44 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const c10:
   TORCH_CHECK(targets.is_contiguous(), "targets must be contiguous");
 }
 
-int64_t pick_chunk_rows(int64_t chunk_rows, int64_t T, int64_t V) {
-  if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(1, (int64_t(512) << 20) / (V * 4));
-  return std::max<int64_t>(1, std::min(chunk_rows, T));
-}
-
-at::ScalarType acc_dtype(const at::Tensor& hidden) {
-  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Bias in the accumulation dtype (V values) for the epilogue, or undefined.
-at::Tensor bias_acc(const c10::optional<at::Tensor>& bias, at::ScalarType acc) {
-  if (!bias.has_value() || !bias->defined()) return at::Tensor();
-  return bias->to(acc).contiguous();
-}
-
 // ----- linear log-probs -------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cuda(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_in,
-    const at::Tensor& targets, int64_t ignore_index, double scale, bool want_u, int64_t chunk_rows) {
-  check_inputs(hidden, weight, bias_in, targets);
-  const c10::cuda::CUDAGuard guard(hidden.device());
-  const auto acc_type = acc_dtype(hidden);
-  const at::Tensor bias = bias_acc(bias_in, acc_type);
-  const bool low = hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kHalf;
-  const int code = dtype_code(hidden.scalar_type());
-
-  const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
-  const auto acc = hidden.options().dtype(acc_type);
-  at::Tensor logp = at::empty({T}, acc);
-  at::Tensor lse = at::empty({T}, acc);
-  at::Tensor u = want_u ? at::empty({T, H}, acc) : at::empty({0}, acc);
-  if (T == 0) return {logp, lse, u};
-  TORCH_CHECK(V > 0, "linear_logprobs_fwd: empty vocabulary");
-
-  const int64_t C = pick_chunk_rows(chunk_rows, T, V);
-  at::Tensor buf = at::empty({C, V}, hidden.options());
-  const at::Tensor wt = weight.t();
-  for (int64_t t0 = 0; t0 < T; t0 += C) {
-    const int64_t rows = std::min(C, T - t0);
-    at::Tensor bchunk = buf.narrow(0, 0, rows);
-    at::mm_out(bchunk, hidden.narrow(0, t0, rows), wt);
-    C10_CUDA_CHECK(sami_lp_fwd_epilogue(
-        bchunk.data_ptr(), rows, V, V, bias.defined() ? bias.const_data_ptr() : nullptr, scale,
-        targets.const_data_ptr<int64_t>() + t0, ignore_index, logp.narrow(0, t0, rows).data_ptr(),
-        lse.narrow(0, t0, rows).data_ptr(), want_u, code, stream()));
-    if (want_u) {
-      at::Tensor urows = u.narrow(0, t0, rows);
-      if (low)
-        urows.copy_(at::mm(bchunk, weight));  // 16-bit GEMM, fp32 accumulation inside
-      else
-        at::mm_out(urows, bchunk, weight);
-    }
+// Epilogue policy of the shared chunk loops (chunk_loop.h): the kernels of logprob_epilogue.cu.
+struct CudaEpilogue {
+  static constexpr bool kUpcastHalf = false;
+  static int64_t default_chunk_rows(int64_t V, int64_t /*elsize*/) {
+    return (int64_t(512) << 20) / (V * 4);  // 512 MiB of float32 logits
   }
-  return {logp, lse, u};
+  static void fwd(const sami::LogitTile& t, void* logp, void* lse, bool want_u) {
+    C10_CUDA_CHECK(sami_lp_fwd_epilogue(t.data, t.rows, t.cols, t.cols, t.bias, t.scale, t.targets,
+                                        t.ignore_index, logp, lse, want_u, dtype_code(t.dtype),
+                                        stream()));
+  }
+  static void bwd(const sami::LogitTile& t, const void* lse, const void* grad) {
+    C10_CUDA_CHECK(sami_lp_bwd_epilogue(t.data, t.rows, t.cols, t.cols, t.v0, t.bias, t.scale,
+                                        t.targets, t.ignore_index, lse, grad, dtype_code(t.dtype),
+                                        stream()));
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& targets, int64_t ignore_index, double scale, bool want_u, int64_t chunk_rows) {
+  check_inputs(hidden, weight, bias, targets);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  return sami::linear_logprobs_fwd<CudaEpilogue>(hidden, weight, bias, targets, ignore_index, scale, want_u,
+                                                 chunk_rows);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cuda(
-    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_in,
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& grad_logp, int64_t ignore_index,
     double scale, bool need_dh, bool need_dw, bool need_db, int64_t chunk_rows) {
-  check_inputs(hidden, weight, bias_in, targets);
+  check_inputs(hidden, weight, bias, targets);
   const c10::cuda::CUDAGuard guard(hidden.device());
-  const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
-  const auto acc_type = acc_dtype(hidden);
   check_same_cuda_device(lse, hidden, "lse");
   check_same_cuda_device(grad_logp, hidden, "grad_logp");
-  TORCH_CHECK(lse.scalar_type() == acc_type && lse.dim() == 1 && lse.size(0) == T && lse.is_contiguous(),
-              "lse must be a contiguous [T] tensor in the accumulation dtype");
-  TORCH_CHECK(grad_logp.scalar_type() == acc_type && grad_logp.dim() == 1 && grad_logp.size(0) == T &&
-                  grad_logp.is_contiguous(),
-              "grad_logp must be a contiguous [T] tensor in the accumulation dtype");
-  const bool has_bias = bias_in.has_value() && bias_in->defined();
-  TORCH_CHECK(!need_db || has_bias, "need_db without a bias");
-
-  const at::Tensor bias = bias_acc(bias_in, acc_type);
-  const bool low = hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kHalf;
-  const int code = dtype_code(hidden.scalar_type());
-  const auto acc = hidden.options().dtype(acc_type);
-  const auto copt = hidden.options();
-  at::Tensor dh, dw, db;
-  if (T == 0 || V == 0 || !(need_dh || need_dw || need_db)) {
-    if (need_dh) dh = at::zeros({T, H}, copt);
-    if (need_dw) dw = at::zeros({V, H}, copt);
-    if (need_db) db = at::zeros({V}, copt);
-  } else {
-    // Tiles [Tr, Vc], budget chunk_rows * V elements, chosen as in linear_logprobs_bwd_cpu:
-    // all T rows x Vc >= 1024 vocabulary columns when the budget allows (each dW block written
-    // once by a GEMM with K = T), else row chunks of full rows.
-    constexpr int64_t kMinTileCols = 1024;
-    const int64_t C = pick_chunk_rows(chunk_rows, T, V);
-    const int64_t budget = C * V;
-    int64_t Tr = C, Vc = V;
-    if (budget / T >= std::min(V, kMinTileCols)) {
-      Tr = T;
-      Vc = std::min(V, budget / T);
-      if (Vc < V) Vc = std::max<int64_t>(64, Vc / 64 * 64);
-    }
-    const int64_t nT = (T + Tr - 1) / Tr, nV = (V + Vc - 1) / Vc;
-    at::Tensor buf_flat = at::empty({Tr * Vc}, copt);
-
-    const bool dh_f32_acc = need_dh && low && nV > 1;  // dh summed over vocabulary tiles in fp32
-    if (need_dh) dh = dh_f32_acc ? at::zeros({T, H}, acc) : at::empty({T, H}, copt);
-    const bool dw_direct = nT == 1;  // else dW summed over row chunks in the accumulation dtype
-    if (need_dw) dw = dw_direct ? at::empty({V, H}, copt) : at::zeros({V, H}, acc);
-    at::Tensor dw_tmp = (need_dw && !dw_direct && low) ? at::empty({V, H}, copt) : at::Tensor();
-    if (need_db) db = at::zeros({V}, acc);
-
-    const size_t acc_size = acc_type == at::kDouble ? sizeof(double) : sizeof(float);
-    const char* bias_p = bias.defined() ? static_cast<const char*>(bias.const_data_ptr()) : nullptr;
-    for (int64_t t0 = 0; t0 < T; t0 += Tr) {
-      const int64_t rows = std::min(Tr, T - t0);
-      const at::Tensor hchunk = hidden.narrow(0, t0, rows);
-      for (int64_t v0 = 0; v0 < V; v0 += Vc) {
-        const int64_t cols = std::min(Vc, V - v0);
-        at::Tensor tile = buf_flat.narrow(0, 0, rows * cols).view({rows, cols});
-        const at::Tensor wc = weight.narrow(0, v0, cols);
-        at::mm_out(tile, hchunk, wc.t());
-        C10_CUDA_CHECK(sami_lp_bwd_epilogue(
-            tile.data_ptr(), rows, cols, cols, v0, bias_p ? bias_p + v0 * acc_size : nullptr, scale,
-            targets.const_data_ptr<int64_t>() + t0, ignore_index, lse.narrow(0, t0, rows).const_data_ptr(),
-            grad_logp.narrow(0, t0, rows).const_data_ptr(), code, stream()));
-        if (need_dh) {
-          at::Tensor dh_rows = dh.narrow(0, t0, rows);
-          if (dh_f32_acc)
-            dh_rows.add_(at::mm(tile, wc));  // 16-bit GEMM, tile sums added in fp32
-          else if (v0 == 0)
-            at::mm_out(dh_rows, tile, wc);
-          else
-            dh_rows.addmm_(tile, wc);  // float32 / float64
-        }
-        if (need_dw) {
-          if (dw_direct) {
-            at::Tensor dw_rows = dw.narrow(0, v0, cols);
-            at::mm_out(dw_rows, tile.t(), hchunk);
-          } else if (low) {
-            at::mm_out(dw_tmp, tile.t(), hchunk);  // Vc == V here
-            dw.add_(dw_tmp);
-          } else {
-            dw.addmm_(tile.t(), hchunk);
-          }
-        }
-        if (need_db) db.narrow(0, v0, cols).add_(tile.sum(0, /*keepdim=*/false, acc_type));
-      }
-    }
-  }
-  const auto in_dtype = hidden.scalar_type();
-  const auto out_empty = hidden.options();
-  return {need_dh ? dh.to(in_dtype) : at::empty({0}, out_empty), need_dw ? dw.to(in_dtype) : at::empty({0}, out_empty),
-          need_db ? db.to(in_dtype) : at::empty({0}, out_empty)};
+  return sami::linear_logprobs_bwd<CudaEpilogue>(hidden, weight, bias, targets, lse, grad_logp, ignore_index,
+                                                 scale, need_dh, need_dw, need_db, chunk_rows);
 }
 
 // ----- InfoNCE --------------------------------------------------------------------------

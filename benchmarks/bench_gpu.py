@@ -7,8 +7,12 @@ Providers (each skipped with a printed note when not importable / not usable her
     naive                   materialised float32 logits -> log_softmax -> gather
     torch-lce               torch.nn.functional.linear_cross_entropy(reduction="none",
                             options=torch.nn.LinearCrossEntropyOptions())
-    liger                   Liger-Kernel fused linear cross entropy (reduction="none")
-    cce                     Apple cut-cross-entropy linear_cross_entropy (reduction="none")
+    liger                   Liger-Kernel liger_fused_linear_cross_entropy(reduction="none")
+    cce                     Apple cut-cross-entropy linear_cross_entropy(reduction="none", filter_eps=None): exact
+    cce-filter              the same with its default filter_eps="high": skips gradient blocks where
+                            |softmax - onehot| is small (approximate gradients)
+The peers' calls (PEERS, peer_logprobs) are checked against the installed packages' signatures by
+tests/test_peer_signatures.py, without a GPU.
 Cases: T in {4096, 16384} x (H, V) in {(576, 49152) SmolLM2-135M, (4096, 128256) Llama-3-8B} x {bf16, fp32} x
 {trainable (useful work 8THV), frozen weight (4THV)}. Time: triton.testing.do_bench medians (p20 / p80 too);
 TFLOP/s of the useful work and its fraction of the bf16 torch.mm rate measured in the same run at [T, H] x [H, V];
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import os
 import platform
 import sys
@@ -28,7 +33,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import runner  # noqa: E402
 
 MODELS = ((576, 49152), (4096, 128256))
-PROVIDERS = ("sami-triton", "sami-cuda", "naive", "torch-lce", "liger", "cce")
+# provider -> (module, function) of the peer's fused linear cross entropy
+PEERS = {
+    "torch-lce": ("torch.nn.functional", "linear_cross_entropy"),
+    "liger": ("liger_kernel.transformers.functional", "liger_fused_linear_cross_entropy"),
+    "cce": ("cut_cross_entropy", "linear_cross_entropy"),
+    "cce-filter": ("cut_cross_entropy", "linear_cross_entropy"),
+}
+PROVIDERS = ("sami-triton", "sami-cuda", "naive", *PEERS)
 
 
 def cases(dtypes):
@@ -44,7 +56,6 @@ def cases(dtypes):
 def logprob_fn(provider: str):
     """provider -> f(hidden, weight, targets) returning per-token log-probs [T], or a str saying why not here."""
     import torch
-    import torch.nn.functional as F
 
     import sami_kernels as sk
     from sami_kernels import backends
@@ -56,24 +67,36 @@ def logprob_fn(provider: str):
         return lambda h, w, y: sk.linear_logprobs(h, w, y, backend=backend)
     if provider == "naive":
         return lambda h, w, y: torch.log_softmax((h @ w.T).float(), -1).gather(-1, y[:, None])[:, 0]
-    if provider == "torch-lce":
-        if not hasattr(F, "linear_cross_entropy"):
-            return f"torch {torch.__version__} has no F.linear_cross_entropy"
-        options = torch.nn.LinearCrossEntropyOptions()
-        return lambda h, w, y: -F.linear_cross_entropy(h, w, y, reduction="none", options=options).float()
-    if provider == "liger":
+    if provider in PEERS:
+        module, name = PEERS[provider]
         try:
-            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-        except ImportError as err:
-            return f"Liger-Kernel not importable ({err})"
-        return lambda h, w, y: -liger_fused_linear_cross_entropy(h, w, y, reduction="none").float()
-    if provider == "cce":
-        try:
-            from cut_cross_entropy import linear_cross_entropy
-        except ImportError as err:
-            return f"cut-cross-entropy not importable ({err})"
-        return lambda h, w, y: -linear_cross_entropy(h, w, y, reduction="none").float()
+            return peer_logprobs(provider, getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError) as err:
+            return f"{module}.{name} is not importable ({err})"
     return f"unknown provider {provider!r}"
+
+
+def peer_logprobs(provider: str, fn):
+    """f(hidden, weight, targets) -> per-token log-probs [T] float32 = -(per-token loss) of the peer function fn
+    (PEERS[provider]), called exactly as the benchmark calls it."""
+    if provider == "torch-lce":
+        import torch
+
+        options = torch.nn.LinearCrossEntropyOptions()
+        return lambda h, w, y: -fn(h, w, y, reduction="none", options=options).float()
+    if provider == "liger":
+        return lambda h, w, y: -fn(h, w, y, reduction="none").float()
+    if provider == "cce":
+        return lambda h, w, y: -fn(h, w, y, reduction="none", filter_eps=None).float()
+    if provider == "cce-filter":
+        return lambda h, w, y: -fn(h, w, y, reduction="none").float()
+    raise ValueError(f"provider must be one of {tuple(PEERS)}, got {provider!r}")
+
+
+def timings(do_bench, fn) -> tuple[float, float, float]:
+    """Median, p20 and p80 milliseconds of fn() by triton.testing.do_bench."""
+    median, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+    return median, p20, p80
 
 
 def measure(fn, case, do_bench):
@@ -92,7 +115,7 @@ def measure(fn, case, do_bench):
     def step():
         return torch.autograd.grad(fn(hidden, weight, targets), wrt, upstream)
 
-    median, p20, p80 = do_bench(step, quantiles=[0.5, 0.2, 0.8])
+    median, p20, p80 = timings(do_bench, step)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -138,7 +161,7 @@ def main() -> None:
             continue
         a = torch.randn(case["T"], case["H"], device="cuda", dtype=torch.bfloat16)
         b = torch.randn(case["V"], case["H"], device="cuda", dtype=torch.bfloat16)
-        mm_ms = triton.testing.do_bench(lambda a=a, b=b: a @ b.T, return_mode="median")
+        mm_ms = timings(triton.testing.do_bench, lambda a=a, b=b: a @ b.T)[0]
         mm_gflops = 2 * case["T"] * case["H"] * case["V"] / (mm_ms / 1e3) / 1e9
         del a, b
         common = {"op": "linear_logprobs", "mode": case["mode"], "shape": shape, "dtype": case["dtype"], **stamp}

@@ -1,18 +1,27 @@
 """Per-token log-probs, forward + backward with a random upstream gradient, side by side:
 
-    sami-<backend>  sami_kernels.linear_logprobs on each backend usable here (cpu, torch; triton on a GPU)
+    sami-<backend>  sami_kernels.linear_logprobs on each backend usable here (cpu, torch; triton on a GPU), defaults
+    sami-cpu-keep   the cpu backend with max_logits_bytes large enough to keep the [T, V] logits (6THV when trainable)
+    sami-cpu-mkl    the cpu backend with its float32 GEMMs in ATen's at::mm (MKL) instead of oneDNN
+                    (SAMI_KERNELS_ONEDNN=0): the GEMM library the other providers use
     naive           materialised logits -> log_softmax -> gather (what the reference SAMI code does, minus copies)
     torch-lce       torch.nn.functional.linear_cross_entropy(reduction="none", options=LinearCrossEntropyOptions())
+    cce             Apple's cut-cross-entropy, linear_cross_entropy(reduction="none", impl="torch_compile") (its CPU
+                    implementation: torch.compile of logits -> cross_entropy; keeps the float32 logits); its first
+                    call compiles, which is timed on its own (compile_s) and left out of the timings
 
 Modes: trainable weight (useful work counted as 8THV: forward 2THV + recompute, dH, dW 2THV each) and
 frozen weight (4THV: forward + dH). Shapes: SmolLM2-135M's head, H=576, V=49152.
-Run: python benchmarks/bench_logprobs.py [--filter bf16] [--providers naive,sami-cpu] [--reps 5]
+A provider `NAME@DIR` runs NAME with the sami_kernels of another source tree DIR (extension built in place there,
+`python setup.py build_ext --inplace`): a baseline commit, timed interleaved with this tree under --rounds.
+Run: python benchmarks/bench_logprobs.py [--filter bf16] [--providers naive,sami-cpu] [--reps 5] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import runner  # noqa: E402
@@ -40,12 +49,20 @@ def _cases():
 
 
 def _providers():
+    import importlib.util
+
     from sami_kernels import backends
 
-    return [f"sami-{name}" for name in backends.usable("cpu") if name != "triton"] + ["naive", "torch-lce"]
+    usable = [name for name in backends.usable("cpu") if name != "triton"]
+    sami = [f"sami-{name}" for name in usable] + (["sami-cpu-keep", "sami-cpu-mkl"] if "cpu" in usable else [])
+    peers = ["cce"] if importlib.util.find_spec("cut_cross_entropy") else []
+    return sami + ["naive", "torch-lce"] + peers
 
 
 def build(provider: str, case: dict):
+    provider, _, tree = provider.partition("@")
+    if tree:  # before anything imports sami_kernels in this worker
+        sys.path.insert(0, os.path.abspath(tree))
     import torch
     import torch.nn.functional as F
 
@@ -59,7 +76,12 @@ def build(provider: str, case: dict):
     targets = torch.randint(0, V, (T,))
     upstream = torch.randn(T, dtype=torch.float32)
 
-    if provider.startswith("sami-"):
+    if provider == "sami-cpu-keep":
+        logprobs = lambda: sk.linear_logprobs(hidden, weight, targets, backend="cpu", max_logits_bytes=1 << 40)  # noqa: E731
+    elif provider == "sami-cpu-mkl":
+        os.environ["SAMI_KERNELS_ONEDNN"] = "0"  # read at the first GEMM, in this worker process
+        logprobs = lambda: sk.linear_logprobs(hidden, weight, targets, backend="cpu")  # noqa: E731
+    elif provider.startswith("sami-"):
         backend = provider.removeprefix("sami-")
         logprobs = lambda: sk.linear_logprobs(hidden, weight, targets, backend=backend)  # noqa: E731
     elif provider == "naive":
@@ -78,6 +100,10 @@ def build(provider: str, case: dict):
                 options=options,
             ).float()
         )
+    elif provider == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        logprobs = lambda: -linear_cross_entropy(hidden, weight, targets, reduction="none", impl="torch_compile")  # noqa: E731
     else:
         raise ValueError(f"unknown provider {provider!r}")
 
@@ -87,8 +113,12 @@ def build(provider: str, case: dict):
         grads = torch.autograd.grad(logprobs(), params, upstream)
         return grads
 
+    if provider == "cce":  # the first call compiles: timed here, apart from the measured calls
+        start = time.perf_counter()
+        step()
+        step.compile_s = time.perf_counter() - start
     return step
 
 
 if __name__ == "__main__":
-    runner.main(__file__, _providers(), _cases(), build)
+    runner.main(__file__, _providers, _cases(), build)

@@ -2,7 +2,11 @@
 print as one table and append to a CSV with the machine, versions and date.
 
 A benchmark script defines `CASES` (list of dicts with at least op, mode, shape, dtype and the useful FLOPs
-`flops`) and `build(provider, case) -> callable`; then `main(__file__, PROVIDERS, CASES, build)`.
+`flops`) and `build(provider, case) -> callable`; then `main(__file__, PROVIDERS, CASES, build)`. A callable with a
+`compile_s` attribute (seconds its build spent compiling, e.g. a torch.compile'd peer's first call) has it reported
+in its own column, apart from the timings. --rounds N repeats the timing of every provider N times, interleaved
+(p1, p2, ..., p1, p2, ...: a shared machine's load drifts over all of them alike); the statistics pool the calls of
+all rounds.
 Every case is also timed for torch.mm at the same shapes in the same run, and each provider's useful GFLOP/s
 is reported as a fraction of that matmul rate.
 """
@@ -30,6 +34,7 @@ FIELDS = [
     "p20_ms",
     "p80_ms",
     "peak_extra_mb",
+    "compile_s",
     "gflops",
     "frac_of_mm",
     "machine",
@@ -69,9 +74,14 @@ def measure_time(fn, *, device: str = "cpu", reps: int = 5, warmup: int = 1) -> 
         t = time.perf_counter()
         fn()
         sync()
-        times.append(time.perf_counter() - t)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
-    return {"median_ms": 1e3 * statistics.median(times), "p20_ms": 1e3 * q[0], "p80_ms": 1e3 * q[3]}
+        times.append(1e3 * (time.perf_counter() - t))
+    return {**time_stats(times), "times_ms": times}
+
+
+def time_stats(times_ms: list[float]) -> dict:
+    """Median and 20th / 80th percentile of call times in ms."""
+    q = statistics.quantiles(times_ms, n=5) if len(times_ms) > 1 else times_ms * 4
+    return {"median_ms": statistics.median(times_ms), "p20_ms": q[0], "p80_ms": q[3]}
 
 
 def measure_memory(fn, *, device: str = "cpu") -> dict:
@@ -111,20 +121,37 @@ def matmul_gflops(m: int, k: int, n: int, dtype: str, device: str = "cpu", reps:
 def _worker(build, provider: str, case: dict, what: str, reps: int) -> dict:
     fn = build(provider, case)
     device = case.get("device", "cpu")
-    return measure_memory(fn, device=device) if what == "memory" else measure_time(fn, device=device, reps=reps)
-
-
-def _spawn(script: str, provider: str, case: dict, reps: int, measures: tuple[str, ...]) -> dict:
-    """Time and/or memory of one (provider, case), each in a fresh process."""
-    result = {}
-    for what in measures:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if what == "memory" else None
-        cmd = [sys.executable, script, "--worker", provider, json.dumps(case), what, "--reps", str(reps)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-        result.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    result = measure_memory(fn, device=device) if what == "memory" else measure_time(fn, device=device, reps=reps)
+    if hasattr(fn, "compile_s"):
+        result["compile_s"] = fn.compile_s
     return result
+
+
+def _spawn(script: str, provider: str, case: dict, reps: int, what: str) -> dict:
+    """Time or memory of one (provider, case), in a fresh process."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if what == "memory" else None
+    cmd = [sys.executable, script, "--worker", provider, json.dumps(case), what, "--reps", str(reps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _measure(script: str, providers: list[str], case: dict, reps: int, rounds: int, measures) -> dict[str, dict]:
+    """{provider: result} for one case: `rounds` interleaved timing sweeps (pooled), then memory."""
+    results = {p: {} for p in providers}
+    times = {p: [] for p in providers}
+    for _ in range(rounds if "time" in measures else 0):
+        for provider in providers:
+            result = _spawn(script, provider, case, reps, "time")
+            times[provider] += result.pop("times_ms", [])
+            results[provider].update(result)
+    for provider in providers:
+        if "memory" in measures and "error" not in results[provider]:
+            results[provider].update(_spawn(script, provider, case, reps, "memory"))
+        if times[provider] and "error" not in results[provider]:
+            results[provider].update(time_stats(times[provider]))
+    return results
 
 
 def _version() -> str:
@@ -157,12 +184,15 @@ def append_csv(rows: list[dict], path: str) -> None:
         writer.writerows(rows)
 
 
-def main(script: str, providers: list[str], cases: list[dict], build) -> None:
+def main(script: str, providers, cases: list[dict], build) -> None:
+    """providers: the default provider list, or a function returning it (called only outside the workers, which
+    then import nothing before build())."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--worker", nargs=3, metavar=("PROVIDER", "CASE_JSON", "WHAT"), help=argparse.SUPPRESS)
-    parser.add_argument("--providers", default=",".join(providers), help="comma-separated subset")
+    parser.add_argument("--providers", default=None, help="comma-separated subset")
     parser.add_argument("--filter", default="", help="run only cases whose shape/mode/dtype contains this text")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved timing sweeps over the providers")
     parser.add_argument("--measure", choices=("both", "time", "memory"), default="both")
     parser.add_argument("--csv", default=DEFAULT_CSV)
     args = parser.parse_args()
@@ -171,6 +201,7 @@ def main(script: str, providers: list[str], cases: list[dict], build) -> None:
         print(json.dumps(_worker(build, provider, case, what, args.reps)))
         return
 
+    default_providers = providers() if callable(providers) else providers
     command = " ".join(["python", os.path.relpath(script)] + sys.argv[1:])
     stamp = {
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
@@ -199,8 +230,8 @@ def main(script: str, providers: list[str], cases: list[dict], build) -> None:
                     **stamp,
                 }
             )
-        for provider in args.providers.split(","):
-            result = _spawn(script, provider, case, args.reps, measures)
+        providers = args.providers.split(",") if args.providers else list(default_providers)
+        for provider, result in _measure(script, providers, case, args.reps, args.rounds, measures).items():
             row = {
                 "op": case["op"],
                 "provider": provider,

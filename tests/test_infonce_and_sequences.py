@@ -50,7 +50,7 @@ def test_infonce_in_low_precision_and_float64(backend):
         expected = reference.infonce_loss(M.to(dtype).double())
         assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
     M64 = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
-    if backend in ("torch", "cpu"):
+    if backend in ("torch", "cpu", "triton"):
         assert torch.autograd.gradcheck(lambda m: sk.infonce_loss(m, backend=backend), (M64,))
 
 
@@ -67,8 +67,9 @@ def test_infonce_bad_input():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_infonce_op_passes_opcheck(backend):
-    M = torch.randn(3, 4, 4, requires_grad=True)
-    torch.library.opcheck(torch.ops.sami_kernels.infonce_fwd, (M, 0, backend))
+    for dtype in (torch.float32, torch.float64):
+        M = torch.randn(3, 4, 4, dtype=dtype, requires_grad=True)
+        torch.library.opcheck(torch.ops.sami_kernels.infonce_fwd, (M, 0, backend))
 
 
 def _packed_batch(B, N, H, V, dtype=torch.float64, seed=0):

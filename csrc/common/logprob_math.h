@@ -4,10 +4,14 @@
 // Fused linear log-prob (per token row t, vocabulary entry v):
 //   z[v]   = scale * (h . W[v] + b[v])
 //   lse    = log sum_v exp(z[v])                    (online, see OnlineLSE)
-//   logp   = z[y] - lse
-//   dz[v]  = coef * (onehot(y)[v] - exp(z[v] - lse)),   coef = g * scale
-// (with coef = scale this is the row of the frozen-weight vector u before the
+//   logp   = z[y] - lse                             (finish_row)
+//   dz[v]  = coef * (onehot(y)[v] - exp(z[v] - lse)),   coef = g * scale (grad_coef)
+// (with g = 1 this is the row of the frozen-weight vector u before the
 //  product with W: u = dz @ W).
+// Non-finite inputs (semantics: sami_kernels/kernels/ops/linear_logprobs.py): finish_row
+// stores lse = +inf for a row whose target logit is -inf (p(target) = 0 exactly, all -inf
+// rows included): its logp is -inf and grad_coef makes its gradient exactly 0; a +inf logit
+// gives NaN logp and lse (NaN gradient), as a NaN logit does.
 //
 // InfoNCE on a score matrix M [N, N] (rows i = constitutions, columns j =
 // responses, positives on the diagonal):
@@ -78,13 +82,35 @@ SAMI_HOST_DEVICE inline acc_t logit_value(acc_t x, acc_t b, acc_t scale) {
   return scale * (x + b);
 }
 
-// Gradient of logp w.r.t. z for one element (or, with g = 1, the frozen-path
-// coefficient):  dz = g * scale * (onehot - exp(z - lse)).
+// logp and the stored lse of a row, from its target logit zt and L = logsumexp_v z:
+//   L = +inf (a +inf logit)          -> logp = NaN,  lse = NaN    (no finite answer)
+//   zt = -inf and L not NaN (dead)   -> logp = -inf, lse = +inf   (marks a zero-gradient row)
+//   otherwise                        -> logp = zt - L, lse = L    (a NaN logit: NaN, NaN)
 template <typename acc_t>
-SAMI_HOST_DEVICE inline acc_t logprob_grad_value(acc_t g, acc_t scale, acc_t z, acc_t lse,
-                                                 bool is_target) {
+struct RowLogp {
+  acc_t logp, lse;
+};
+
+template <typename acc_t>
+SAMI_HOST_DEVICE inline RowLogp<acc_t> finish_row(acc_t zt, acc_t L) {
+  if (L == acc_t(INFINITY)) return {acc_t(NAN), acc_t(NAN)};
+  if (zt == acc_t(-INFINITY) && L == L) return {acc_t(-INFINITY), acc_t(INFINITY)};
+  return {zt - L, L};
+}
+
+// Row coefficient of dz: g * scale, exactly 0 for a dead row (stored lse = +inf; then
+// exp(z - lse) = 0 for every z of the row, so its whole dz row is 0 whatever g is).
+template <typename acc_t>
+SAMI_HOST_DEVICE inline acc_t grad_coef(acc_t g, acc_t scale, acc_t lse) {
+  return lse == acc_t(INFINITY) ? acc_t(0) : g * scale;
+}
+
+// Gradient of logp w.r.t. z for one element, scaled by the row coefficient:
+//   dz = coef * (onehot - exp(z - lse)).
+template <typename acc_t>
+SAMI_HOST_DEVICE inline acc_t logprob_grad_value(acc_t coef, acc_t z, acc_t lse, bool is_target) {
   const acc_t p = math_exp(z - lse);
-  return g * scale * ((is_target ? acc_t(1) : acc_t(0)) - p);
+  return coef * ((is_target ? acc_t(1) : acc_t(0)) - p);
 }
 
 // ---------------------------------------------------------------------------

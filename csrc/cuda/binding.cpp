@@ -64,10 +64,22 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const c10:
 // Epilogue policy of the shared chunk loops (chunk_loop.h): the kernels of logprob_epilogue.cu.
 struct CudaEpilogue {
   static constexpr bool kUpcastHalf = false;
+  static constexpr bool kTiledForward = false;  // whole rows per block; chunks of 512 MiB are tall
   static int64_t default_chunk_rows(int64_t V, int64_t /*elsize*/) {
     return (int64_t(512) << 20) / (V * 4);  // 512 MiB of float32 logits
   }
-  static void fwd(const sami::LogitTile& t, void* logp, void* lse, bool want_u) {
+  static void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {  // cuBLAS
+    if (accumulate)
+      out.addmm_(a, b);
+    else
+      at::mm_out(out, a, b);
+  }
+  static void check_targets(const at::Tensor& targets, int64_t ignore_index, int64_t V) {
+    C10_CUDA_CHECK(sami_lp_check_targets(targets.const_data_ptr<int64_t>(), targets.size(0), V, ignore_index,
+                                         stream()));
+  }
+  static void fwd(const sami::LogitTile& t, void* logp, void* lse, void* /*s*/, bool want_u) {
+    TORCH_INTERNAL_ASSERT(t.v0 == 0 && t.cols == t.vocab, "the CUDA forward epilogue takes whole rows");
     C10_CUDA_CHECK(sami_lp_fwd_epilogue(t.data, t.rows, t.cols, t.cols, t.bias, t.scale, t.targets,
                                         t.ignore_index, logp, lse, want_u, dtype_code(t.dtype),
                                         stream()));
@@ -79,25 +91,27 @@ struct CudaEpilogue {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& targets, int64_t ignore_index, double scale, bool want_u, int64_t chunk_rows) {
+    const at::Tensor& targets, int64_t ignore_index, double scale, bool want_u, int64_t chunk_rows,
+    bool keep_logits) {
   check_inputs(hidden, weight, bias, targets);
   const c10::cuda::CUDAGuard guard(hidden.device());
   return sami::linear_logprobs_fwd<CudaEpilogue>(hidden, weight, bias, targets, ignore_index, scale, want_u,
-                                                 chunk_rows);
+                                                 chunk_rows, keep_logits);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& grad_logp, int64_t ignore_index,
-    double scale, bool need_dh, bool need_dw, bool need_db, int64_t chunk_rows) {
+    double scale, bool need_dh, bool need_dw, bool need_db, int64_t chunk_rows,
+    const c10::optional<at::Tensor>& logits) {
   check_inputs(hidden, weight, bias, targets);
   const c10::cuda::CUDAGuard guard(hidden.device());
   check_same_cuda_device(lse, hidden, "lse");
   check_same_cuda_device(grad_logp, hidden, "grad_logp");
   return sami::linear_logprobs_bwd<CudaEpilogue>(hidden, weight, bias, targets, lse, grad_logp, ignore_index,
-                                                 scale, need_dh, need_dw, need_db, chunk_rows);
+                                                 scale, need_dh, need_dw, need_db, chunk_rows, logits);
 }
 
 // ----- InfoNCE --------------------------------------------------------------------------

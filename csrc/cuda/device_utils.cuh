@@ -7,8 +7,25 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 
 #include "logprob_math.h"
+
+// glibc's declaration (assert.h leaves it out under NDEBUG); CUDA implements it in device code.
+extern "C" __host__ __device__ void __assert_fail(const char* assertion, const char* file, unsigned int line,
+                                                  const char* function) noexcept __attribute__((__noreturn__));
+
+// Device-side check that stays on under NDEBUG, like c10's CUDA_KERNEL_ASSERT_PRINTF (these
+// torch-free files cannot include it): a failing thread prints "sami_kernels: <message>", then
+// fails the kernel.  The host sees cudaErrorAssert at its next synchronisation and the CUDA
+// context is unusable afterwards, as after any torch device-side assert.
+#define SAMI_DEVICE_CHECK(cond, fmt, ...)                                            \
+  do {                                                                               \
+    if (!(cond)) {                                                                   \
+      printf("sami_kernels: " fmt "\n", __VA_ARGS__);                                \
+      __assert_fail(#cond, __FILE__, static_cast<unsigned int>(__LINE__), __func__); \
+    }                                                                                \
+  } while (0)
 
 namespace sami_cuda {
 

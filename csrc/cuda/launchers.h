@@ -18,10 +18,11 @@ enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kF64 = 3 };
 extern "C" {
 
 // Forward epilogue over a [rows, cols] logits chunk (row stride ld elements) that a GEMM
-// wrote (x = h . W[v]).  Per row r with target y = targets[r]:
+// wrote (x = h . W[v]), cols = V.  Per row r with target y = targets[r]:
 //   z = scale * (x + bias[v]);  lse[r] = logsumexp(z);  logp[r] = z[y] - lse[r]
-// ignore_index rows: logp = lse = 0.  want_u: the chunk is then overwritten in place with
-// scale * (onehot(y) - exp(z - lse)) (zeros for ignored rows).  bias: acc dtype or null.
+// (non-finite rows: sami::finish_row).  ignore_index rows: logp = lse = 0.  want_u: the chunk
+// is then overwritten in place with scale * (onehot(y) - exp(z - lse)) (zeros for ignored and
+// dead rows).  bias: acc dtype or null.  Targets: in [0, cols) (sami_lp_check_targets).
 cudaError_t sami_lp_fwd_epilogue(void* logits, int64_t rows, int64_t cols, int64_t ld,
                                  const void* bias, double scale, const int64_t* targets,
                                  int64_t ignore_index, void* logp, void* lse, bool want_u,
@@ -29,11 +30,18 @@ cudaError_t sami_lp_fwd_epilogue(void* logits, int64_t rows, int64_t cols, int64
 
 // Backward epilogue over a [rows, cols] tile of recomputed logits holding vocabulary
 // columns [v0, v0 + cols) (bias already offset to v0), in place:
-//   tile[r, c] = g[r] * scale * (onehot(y - v0)[c] - exp(z - lse[r]))   (0 for ignored rows)
+//   tile[r, c] = coef[r] * (onehot(y - v0)[c] - exp(z - lse[r]))   (0 for ignored rows),
+// coef = sami::grad_coef(g[r], scale, lse[r]).
 cudaError_t sami_lp_bwd_epilogue(void* tile, int64_t rows, int64_t cols, int64_t ld, int64_t v0,
                                  const void* bias, double scale, const int64_t* targets,
                                  int64_t ignore_index, const void* lse, const void* grad,
                                  int dtype, cudaStream_t stream);
+
+// Device-side check that each of the n targets is ignore_index or in [0, vocab): a bad one
+// prints "sami_kernels: targets[i] = y is outside [0, V=vocab) ..." and fails the kernel with
+// a device assert (cudaErrorAssert at the next synchronisation).
+cudaError_t sami_lp_check_targets(const int64_t* targets, int64_t n, int64_t vocab,
+                                  int64_t ignore_index, cudaStream_t stream);
 
 // sums[s] = sum of values[offsets[s] .. offsets[s+1]) (values sorted by segment), float64
 // accumulation in a fixed order (deterministic); dtype kF32 or kF64.  Offsets are clamped

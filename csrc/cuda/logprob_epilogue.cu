@@ -8,9 +8,12 @@
 //   forward : per thread, one OnlineLSE state; per pack the pack max and the sum of exp(z -
 //             pack max) are merged into it (two extra exps per pack instead of a rescale per
 //             element).  States merge with warp shuffles, then across warps through shared
-//             memory (fixed order: deterministic).  Thread 0 gathers the target logit before
-//             the first barrier; with want_u a second pass rewrites the row in place.
+//             memory (fixed order: deterministic).  Every thread reads the target logit before
+//             the first barrier (one broadcast load); with want_u a second pass rewrites the row
+//             in place.  Row finish and non-finite semantics: finish_row / grad_coef.
 //   backward: lse known, purely elementwise in place: g * scale * (onehot - exp(z - lse)).
+// Targets: lp_check_targets_kernel, a device-side check (a host check would synchronise), runs
+// on the stream before the epilogues of each op call: a bad target stops the stream there.
 #include "device_utils.cuh"
 #include "launchers.h"
 
@@ -53,15 +56,15 @@ __device__ void zero_row(X* row, int64_t cols) {
 }
 
 // In place over one row of cols columns: row[c] = coef * (onehot(yl)[c] - exp(z[c] - lse)),
-// z = scale * (row[c] + bias[c]), coef = g * scale; yl outside [0, cols) hits no column.
+// z = scale * (row[c] + bias[c]), coef = sami::grad_coef(...); yl outside [0, cols) hits no column.
 template <typename X, typename A>
-__device__ void grad_row(X* row, int64_t cols, const A* bias, A scale, int64_t yl, A lse, A g) {
+__device__ void grad_row(X* row, int64_t cols, const A* bias, A scale, int64_t yl, A lse, A coef) {
   constexpr int64_t kVec = Pack<X>::kVec;
   const RowSplit sp = split_row(row, cols);
   for (int64_t c = threadIdx.x; c < sp.head + sp.tail; c += blockDim.x) {
     const int64_t col = scalar_col(sp, kVec, c);
     const A z = sami::logit_value<A>(to_acc(row[col]), bias_at<X>(bias, col), scale);
-    row[col] = from_acc<X>(sami::logprob_grad_value<A>(g, scale, z, lse, col == yl));
+    row[col] = from_acc<X>(sami::logprob_grad_value<A>(coef, z, lse, col == yl));
   }
   X* body = row + sp.head;
   for (int64_t k = threadIdx.x; k < sp.nvec; k += blockDim.x) {
@@ -70,7 +73,7 @@ __device__ void grad_row(X* row, int64_t cols, const A* bias, A scale, int64_t y
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
       const A z = sami::logit_value<A>(to_acc(pk.v[i]), bias_at<X>(bias, col0 + i), scale);
-      pk.v[i] = from_acc<X>(sami::logprob_grad_value<A>(g, scale, z, lse, col0 + i == yl));
+      pk.v[i] = from_acc<X>(sami::logprob_grad_value<A>(coef, z, lse, col0 + i == yl));
     }
     store_pack(body + k * kVec, pk);
   }
@@ -95,9 +98,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     return;  // uniform over the block: no barrier is skipped by some threads only
   }
   // Target logit, read before the barrier inside block_merge (want_u rewrites the row).
-  A zt = A(0);
-  if (threadIdx.x == 0)
-    zt = (y >= 0 && y < cols) ? sami::logit_value<A>(to_acc(row[y]), bias_at<X>(bias, y), scale) : A(NAN);
+  const A zt = sami::logit_value<A>(to_acc(row[y]), bias_at<X>(bias, y), scale);
 
   const RowSplit sp = split_row(row, cols);
   sami::OnlineLSE<A> st;
@@ -122,12 +123,12 @@ __global__ void __launch_bounds__(kMaxThreads)
       s += acc_exp(sami::logit_value<A>(to_acc(pk.v[i]), bias_at<X>(bias, col0 + i), scale) - mu);
     st.merge(sami::OnlineLSE<A>(mx, s));
   }
-  const A L = block_merge(st, sm, ss).finalize();
+  const sami::RowLogp<A> res = sami::finish_row(zt, block_merge(st, sm, ss).finalize());
   if (threadIdx.x == 0) {
-    logp[r] = zt - L;
-    lse[r] = L;
+    logp[r] = res.logp;
+    lse[r] = res.lse;
   }
-  if (want_u) grad_row(row, cols, bias, scale, y, L, A(1));
+  if (want_u) grad_row(row, cols, bias, scale, y, res.lse, sami::grad_coef(A(1), scale, res.lse));
 }
 
 template <typename X>
@@ -144,7 +145,20 @@ __global__ void __launch_bounds__(kMaxThreads)
     zero_row(row, cols);
     return;
   }
-  grad_row(row, cols, bias, scale, y - v0, lse[r], grad[r]);
+  grad_row(row, cols, bias, scale, y - v0, lse[r], sami::grad_coef(grad[r], scale, lse[r]));
+}
+
+// Every target is ignore_index or in [0, vocab); a bad one prints its index and value, then
+// fails the kernel (SAMI_DEVICE_CHECK).
+__global__ void lp_check_targets_kernel(const int64_t* __restrict__ targets, int64_t n, int64_t vocab,
+                                        int64_t ignore_index) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n; t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t y = targets[t];
+    SAMI_DEVICE_CHECK(y == ignore_index || (y >= 0 && y < vocab),
+                      "targets[%lld] = %lld is outside [0, V=%lld) and is not ignore_index=%lld",
+                      static_cast<long long>(t), static_cast<long long>(y), static_cast<long long>(vocab),
+                      static_cast<long long>(ignore_index));
+  }
 }
 
 int threads_for(int64_t cols, int vec) {
@@ -195,6 +209,16 @@ extern "C" cudaError_t sami_lp_fwd_epilogue(void* logits, int64_t rows, int64_t 
     case kF64: return launch_fwd<double>(logits, rows, cols, ld, bias, scale, targets, ignore_index, logp, lse, want_u, stream);
     default: return cudaErrorInvalidValue;
   }
+}
+
+extern "C" cudaError_t sami_lp_check_targets(const int64_t* targets, int64_t n, int64_t vocab,
+                                             int64_t ignore_index, cudaStream_t stream) {
+  using namespace sami_cuda;
+  if (n <= 0) return cudaSuccess;
+  const int64_t blocks = (n + kMaxThreads - 1) / kMaxThreads;
+  lp_check_targets_kernel<<<static_cast<unsigned>(blocks < 1024 ? blocks : 1024), kMaxThreads, 0, stream>>>(
+      targets, n, vocab, ignore_index);
+  return cudaGetLastError();
 }
 
 extern "C" cudaError_t sami_lp_bwd_epilogue(void* tile, int64_t rows, int64_t cols, int64_t ld, int64_t v0,

@@ -8,12 +8,16 @@ Autograd through these functions gives the reference gradients.
 Notation (one query b, N constitutions, N responses; ../shared/docs/SAMI.md):
     z[t, v]  = (hidden[t] . weight[v] + bias[v]) / temperature
     logp[t]  = z[t, y[t]] - logsumexp_v z[t, v]                      (0 where y[t] == ignore_index)
+               non-finite logits as every backend treats them (ops/linear_logprobs.py): -inf with zero
+               gradient where z[t, y[t]] = -inf (and no logit of the row is NaN or +inf); NaN where one is
     seq[s]   = sum or mean of logp[t] over tokens t with seq_ids[t] == s
     M[b,i,j] = mean log p(response_j | constitution_i, query_b)       rows: constitutions, cols: responses
     L_b      = 1/2 [ mean_i (logsumexp_j M[b,i,j] - M[b,i,i]) + mean_j (logsumexp_i M[b,i,j] - M[b,j,j]) ]
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -30,15 +34,25 @@ def linear_logprobs(
     ignore_index: int = -100,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Per-token log p(target): hidden [..., H], weight [V, H], targets [...] -> [...] in hidden's dtype."""
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    logits = logits / temperature
+    """Per-token log p(target): hidden [..., H], weight [V, H], targets [...] -> [...] in hidden's dtype.
+
+    Rows that are ignored, or "dead" (target logit -inf, no NaN or +inf logit), take no part in the gradient: their
+    logits and hidden rows are replaced by zeros, so that not even 0 * inf or 0 * NaN reaches dW."""
+
+    def logits_of(h):
+        z = h @ weight.T
+        return (z if bias is None else z + bias) / temperature
+
     valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, logp, torch.zeros_like(logp))
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).unsqueeze(-1)
+    with torch.no_grad():
+        z = logits_of(hidden)
+        no_nan_or_inf = torch.logsumexp(z, dim=-1) < math.inf  # logsumexp: NaN with a NaN logit, +inf with +inf
+        dead = valid & (z.gather(-1, safe_targets).squeeze(-1) == -math.inf) & no_nan_or_inf
+        live = (valid & ~dead).unsqueeze(-1)
+    logits = torch.where(live, logits_of(torch.where(live, hidden, 0.0)), 0.0)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe_targets).squeeze(-1)
+    return torch.where(live.squeeze(-1), logp, torch.where(dead, -math.inf, 0.0))
 
 
 def sequence_sums(

@@ -7,6 +7,7 @@ direction 0 (both): loss = (r + c) / 2, dM = [(softmax_row - I) + (softmax_col -
 direction 1 (row) : loss = r,           dM = (softmax_row - I) / N
 direction 2 (col) : loss = c,           dM = (softmax_col - I) / N
 One program per query b; the whole [N, N] matrix lives in one masked tile.
+Computed in M's dtype: float32, or float64 (exact, for gradcheck).
 """
 
 import torch
@@ -21,7 +22,7 @@ Tensor = torch.Tensor
 @triton.jit
 def _infonce_kernel(m_ptr, loss_ptr, dm_ptr, N, DIRECTION: tl.constexpr, BLOCK_N: tl.constexpr):
     # Keeps a single [BLOCK_N, BLOCK_N] tile (x) live: statistics first, then the
-    # gradient is rebuilt from x in one expression (no spills up to BLOCK_N = 128).
+    # gradient is rebuilt from x in one expression (no spills up to BLOCK_N = 64).
     b = tl.program_id(0)
     base = b.to(tl.int64) * N * N
     offs = tl.arange(0, BLOCK_N)
@@ -30,7 +31,7 @@ def _infonce_kernel(m_ptr, loss_ptr, dm_ptr, N, DIRECTION: tl.constexpr, BLOCK_N
     idx = base + offs[:, None] * N + offs[None, :]
     x = tl.load(m_ptr + idx, mask=mask, other=float("-inf"))
     pos = tl.load(m_ptr + base + offs * (N + 1), mask=valid, other=0.0)  # M[b, i, i]
-    inv_n = 1.0 / N
+    inv_n = 1.0 / N.to(x.dtype)  # weights in M's dtype (a float32 1/N would cap float64 at 1e-8)
 
     if DIRECTION == 0:
         w_row = 0.5 * inv_n
@@ -43,7 +44,7 @@ def _infonce_kernel(m_ptr, loss_ptr, dm_ptr, N, DIRECTION: tl.constexpr, BLOCK_N
         w_col = inv_n
 
     loss = 0.0
-    grad = tl.zeros([BLOCK_N, BLOCK_N], tl.float32)
+    grad = tl.zeros([BLOCK_N, BLOCK_N], x.dtype)
     if DIRECTION != 2:
         # softmax over responses j for each constitution i
         rmax = tl.where(valid, tl.max(x, axis=1), 0.0)
@@ -72,19 +73,21 @@ def infonce_config(N: int) -> dict:
     return dict(BLOCK_N=bn, num_warps=num_warps)
 
 
-# One [BLOCK_N, BLOCK_N] register tile per program: beyond 128 it spills heavily,
-# so larger N (unusual: N = number of constitutions) falls back to the torch backend.
-MAX_TRITON_N = 128
+# One [BLOCK_N, BLOCK_N] register tile per program: from BLOCK_N = 128 on it spills (float32: 500-850 bytes
+# per thread, sm_80 and sm_90), so larger N (unusual: N = number of constitutions) falls back to the torch backend.
+MAX_TRITON_N = 64
 
 
 def infonce_fwd(M: Tensor, direction: int):
-    """M [B, N, N] float32 -> (loss [B] float32, dM [B, N, N] float32)."""
+    """M [B, N, N] float32 or float64 -> (loss [B], dM [B, N, N]) in M's dtype."""
     if direction not in (0, 1, 2):
         raise ValueError(f"direction must be 0 (both), 1 (row) or 2 (col), got {direction}")
-    M = M.to(torch.float32).contiguous()
+    if M.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the triton infonce kernel takes float32 or float64 M, got {M.dtype}")
+    M = M.contiguous()
     B, N, N2 = M.shape
     assert N == N2, "M must be [B, N, N]"
-    loss = torch.empty(B, dtype=torch.float32, device=M.device)
+    loss = torch.empty(B, dtype=M.dtype, device=M.device)
     dM = torch.empty_like(M)
     if B == 0 or N == 0:
         loss.zero_()

@@ -16,10 +16,25 @@ dz = g * scale * (onehot(y) - softmax(z)) for a chunk of rows into a
 [rows, V] buffer; torch matmuls then produce dh = dz @ W,
 dW += dz^T @ h, db += dz.sum(0).
 
-The public launchers have the same signatures as the C++ CPU backend.
+Non-finite logits (the semantics are stated in ops/linear_logprobs.py):
+- online logsumexp: exponents are taken against the running max m, or against 0
+  while m = -inf, so all -inf tiles (and splits) add exp(-inf) = 0 instead of
+  exp(-inf - (-inf)) = NaN.  tl.max / tl.maximum drop NaN on the GPU (the
+  interpreter's tl.maximum keeps it), so m may or may not see a NaN logit, but
+  the sum-exp always does (exp(NaN) = NaN) and no step replaces a NaN or zero
+  sum: NaN propagates to lse and logp.  A +inf logit gives exp(inf - inf) = NaN.
+- a "dead" row (target logit -inf, no NaN or +inf logit; all -inf rows included)
+  gets logp = -inf and is marked by lse = +inf.  Dead and ignored rows take no part
+  in the gradient (`_live_rows`): their dz rows are exactly 0 and their dh / u rows
+  and hidden rows (for dW) are zeroed, so not even 0 * NaN or 0 * inf from a
+  non-finite weight or hidden value reaches the results.
+
+The public launchers have the same signatures as the C++ CPU backend; their keyword
+arguments (block sizes, num_splits, group_t, input_precision) override the heuristics.
 """
 
 import functools
+import math
 import os
 
 import torch
@@ -134,8 +149,9 @@ def _lp_fwd_kernel(
         )
         z = tl.where(v_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(z - m_new[:, None])
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp(-inf - 0) = 0, not NaN
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(z - m_ref[:, None])  # NaN z -> NaN p -> NaN s
         s_i = s_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
         t_i += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
@@ -171,16 +187,17 @@ def _lp_merge_kernel(
     tt = tl.load(pt_ptr + idx, mask=mask, other=0.0)
 
     mx = tl.max(m, axis=0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    tot = tl.sum(s * tl.exp(m - mx[None, :]), axis=0)
-    tot = tl.where(tot > 0.0, tot, 1.0)
-    lse = mx + tl.log(tot)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)  # every split all -inf: s = 0 there, exp(-inf - 0) = 0
+    tot = tl.sum(s * tl.exp(m - mx[None, :]), axis=0)  # 0 for an all -inf row, NaN if a NaN was seen
+    lse = mx + tl.log(tot)  # log(0) = -inf for an all -inf row
     tgt = tl.sum(tt, axis=0)
+    dead = (tgt == float("-inf")) & (lse == lse)  # impossible target, no NaN in the row
 
     y = tl.load(y_ptr + offs_t, mask=t_mask, other=ignore_index)
     valid = t_mask & (y != ignore_index)
-    tl.store(logp_ptr + offs_t, tl.where(valid, tgt - lse, 0.0), mask=t_mask)
-    tl.store(lse_ptr + offs_t, tl.where(valid, lse, 0.0), mask=t_mask)
+    logp = tl.where(dead, float("-inf"), tgt - lse)
+    tl.store(logp_ptr + offs_t, tl.where(valid, logp, 0.0), mask=t_mask)
+    tl.store(lse_ptr + offs_t, tl.where(valid, tl.where(dead, float("inf"), lse), 0.0), mask=t_mask)
 
 
 @triton.jit
@@ -189,6 +206,7 @@ def _lp_dlogits_kernel(
     w_ptr,
     b_ptr,
     y_ptr,
+    live_ptr,
     lse_ptr,
     g_ptr,
     dz_ptr,
@@ -198,7 +216,6 @@ def _lp_dlogits_kernel(
     stride_h,
     stride_w,
     stride_dz,
-    ignore_index,
     scale,
     HAS_BIAS: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -243,14 +260,14 @@ def _lp_dlogits_kernel(
         DOT_PRECISION,
     )
 
-    y = tl.load(y_ptr + offs_t, mask=t_mask, other=ignore_index).to(tl.int32)
-    lse = tl.load(lse_ptr + offs_t, mask=t_mask, other=0.0)
-    g = tl.load(g_ptr + offs_t, mask=t_mask, other=0.0)
-    valid = t_mask & (y != ignore_index)
+    y = tl.load(y_ptr + offs_t, mask=t_mask, other=-1).to(tl.int32)
+    live = tl.load(live_ptr + offs_t, mask=t_mask, other=0) != 0  # _live_rows; the others get dz = 0 exactly
+    lse = tl.load(lse_ptr + offs_t, mask=live, other=0.0)
+    g = tl.load(g_ptr + offs_t, mask=live, other=0.0)
 
-    p = tl.exp(tl.where(valid[:, None], z - lse[:, None], float("-inf")))
+    p = tl.exp(tl.where(live[:, None], z - lse[:, None], float("-inf")))
     onehot = tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0)
-    gs = tl.where(valid, g * scale, 0.0)
+    gs = tl.where(live, g * scale, 0.0)
     dz = gs[:, None] * (onehot - p)
 
     dz_ptrs = dz_ptr + offs_t.to(tl.int64)[:, None] * stride_dz + offs_v[None, :]
@@ -317,12 +334,17 @@ def fwd_config(
     block_v=None,
     block_h=None,
     num_splits=None,
+    precision="ieee",
 ) -> dict:
-    """Block sizes / grid for the fused forward kernel."""
+    """Block sizes / grid for the fused forward kernel (precision: the DOT_PRECISION of float32 dots)."""
     half = _is_16bit(dtype)
     bt = block_t or min(128 if half else 64, max(16, _next_pow2(T)))
     bv = block_v or 128
     bh = block_h or _block_h(H, half)
+    if block_h is None and not half and H % 16 and bt == 32 and precision == "ieee":
+        # ptxas, given no register limit, caps this tile at 128 registers (2 CTAs / SM) and spills 16 bytes with the
+        # K step of 16; it fits with 32 (sm_80 and sm_90, triton 3.7; with tf32 dots it is the other way round)
+        bh = 32
     n_t = _cdiv(max(T, 1), bt)
     n_vt = _cdiv(max(V, 1), bv)
     if num_splits is None:
@@ -369,8 +391,26 @@ def _dz_dtype(dtype):
 # launchers
 # --------------------------------------------------------------------------
 
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fp32_dot_precision() -> str:
+    """tl.dot input_precision for float32 inputs, following torch's own switch for float32 CUDA matmuls:
+    "tf32" once torch allows TF32 (torch.set_float32_matmul_precision("high" or "medium"), or
+    torch.backends.cuda.matmul.fp32_precision = "tf32"), else "ieee" (torch's default, "highest").
+    The torch matmuls of the backward (dh, dW, u) follow the same switch by themselves."""
+    switch = getattr(torch.backends.cuda.matmul, "fp32_precision", None)  # torch >= 2.9: reflects both APIs
+    if switch is not None:  # (get_float32_matmul_precision raises once both APIs were used)
+        return "tf32" if switch == "tf32" else "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
 
 def _prep(hidden, weight, bias, targets):
+    if hidden.dtype not in INPUT_DTYPES:
+        raise ValueError(
+            f"the triton backend takes float32, bfloat16 or float16 inputs, got {hidden.dtype} hidden; "
+            "use backend='cpu', 'cuda' or 'torch'"
+        )
     hidden = hidden.contiguous()
     weight = weight.contiguous()
     if bias is not None and bias.numel() == 0:
@@ -381,33 +421,12 @@ def _prep(hidden, weight, bias, targets):
     return hidden, weight, bias, targets
 
 
-def _launch_fwd(
-    hidden,
-    weight,
-    bias,
-    targets,
-    ignore_index,
-    scale,
-    *,
-    block_t=None,
-    block_v=None,
-    block_h=None,
-    num_splits=None,
-    input_precision="ieee",
-):
+def _launch_fwd(hidden, weight, bias, targets, ignore_index, scale, precision, *, num_splits, **blocks):
     T, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     cfg = fwd_config(
-        T,
-        H,
-        V,
-        hidden.dtype,
-        num_sms=_num_sms(hidden),
-        block_t=block_t,
-        block_v=block_v,
-        block_h=block_h,
-        num_splits=num_splits,
+        T, H, V, hidden.dtype, num_sms=_num_sms(hidden), num_splits=num_splits, precision=precision, **blocks
     )
     S = cfg["num_splits"]
     pm = torch.empty((S, T), dtype=torch.float32, device=dev)
@@ -435,7 +454,7 @@ def _launch_fwd(
         BLOCK_V=cfg["BLOCK_V"],
         BLOCK_H=cfg["BLOCK_H"],
         CAST_F32=_interpreting(),
-        DOT_PRECISION=input_precision,
+        DOT_PRECISION=precision,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -459,31 +478,17 @@ def _launch_fwd(
     return logp, lse
 
 
-def _launch_dlogits(
-    h_chunk,
-    weight,
-    bias,
-    y_chunk,
-    lse_chunk,
-    g_chunk,
-    dz,
-    ignore_index,
-    scale,
-    *,
-    block_t=None,
-    block_v=None,
-    block_h=None,
-    input_precision="ieee",
-):
+def _launch_dlogits(h_chunk, weight, bias, y_chunk, live_chunk, lse_chunk, g_chunk, dz, scale, precision, **blocks):
     R, H = h_chunk.shape
     V = weight.shape[0]
-    cfg = dlogits_config(R, H, V, h_chunk.dtype, block_t=block_t, block_v=block_v, block_h=block_h)
+    cfg = dlogits_config(R, H, V, h_chunk.dtype, **blocks)
     grid = (_cdiv(R, cfg["BLOCK_T"]) * _cdiv(V, cfg["BLOCK_V"]),)
     _lp_dlogits_kernel[grid](
         h_chunk,
         weight,
         bias if bias is not None else h_chunk,
         y_chunk,
+        live_chunk,
         lse_chunk,
         g_chunk,
         dz,
@@ -493,7 +498,6 @@ def _launch_dlogits(
         h_chunk.stride(0),
         weight.stride(0),
         dz.stride(0),
-        int(ignore_index),
         float(scale),
         HAS_BIAS=bias is not None,
         BLOCK_T=cfg["BLOCK_T"],
@@ -501,22 +505,37 @@ def _launch_dlogits(
         BLOCK_H=cfg["BLOCK_H"],
         GROUP_T=cfg["GROUP_T"],
         CAST_F32=_interpreting(),
-        DOT_PRECISION=input_precision,
+        DOT_PRECISION=precision,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
 
 
-def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b with a float32 result (fp32 accumulate; 16-bit inputs use out_dtype on CUDA)."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b)
+def _mm_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool) -> None:
+    """out = a @ b, or out += a @ b with accumulate, for a float32 `out` and fp32 accumulation, in place.
+    16-bit a, b on CUDA use addmm's out_dtype overload: no temporary of out's size (dW is [V, H]). Without it
+    (the CPU interpreter, torch < 2.8) the product is formed in the input dtype and then added."""
+    beta = 1 if accumulate else 0
+    if a.dtype == out.dtype:
+        torch.addmm(out, a, b, beta=beta, out=out)
+        return
     if a.is_cuda:
         try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
+            torch.addmm(out, a, b, out_dtype=out.dtype, beta=beta, out=out)
+            return
+        except (RuntimeError, TypeError):  # torch without a float32-accumulator addmm.dtype_out
             pass
-    return torch.mm(a, b).float()
+    product = torch.mm(a, b)
+    if accumulate:
+        out.add_(product)
+    else:
+        out.copy_(product)
+
+
+def _live_rows(targets: Tensor, lse: Tensor, ignore_index: int) -> Tensor:
+    """Rows that get a gradient: not ignored and not dead (the forward stores lse = +inf; lse = -inf, torch's
+    logsumexp of an all -inf row, counts as dead too). The others get exactly zero dz, dh, u and dW share."""
+    return (targets != ignore_index) & (lse.abs() != math.inf)
 
 
 def _chunk(chunk_rows: int, T: int) -> int:
@@ -538,63 +557,55 @@ def linear_logprobs_fwd(
     block_v=None,
     block_h=None,
     num_splits=None,
-    input_precision="ieee",
+    group_t=None,
+    input_precision=None,
 ):
-    """Returns (logp [T] f32, lse [T] f32, u [T, H] f32 or empty)."""
+    """Returns (logp [T] f32, lse [T] f32, u [T, H] f32 or empty). lse[t] = +inf marks a row whose target logit
+    is -inf (logp = -inf, zero gradient). Keywords override the launch heuristics (group_t: the u pass);
+    input_precision defaults to fp32_dot_precision()."""
     hidden, weight, bias, targets = _prep(hidden, weight, bias, targets)
     T, H = hidden.shape
     dev = hidden.device
     if T == 0:
-        empty = torch.empty(0, dtype=torch.float32, device=dev)
-        u = (
-            torch.empty((0, H), dtype=torch.float32, device=dev)
-            if want_u
-            else torch.empty(0, dtype=torch.float32, device=dev)
+        return (
+            hidden.new_empty(0, dtype=torch.float32),
+            hidden.new_empty(0, dtype=torch.float32),
+            hidden.new_empty((0, H) if want_u else 0, dtype=torch.float32),
         )
-        return empty, empty.clone(), u
+    precision = input_precision or fp32_dot_precision()
+    blocks = dict(block_t=block_t, block_v=block_v, block_h=block_h)
     logp, lse = _launch_fwd(
-        hidden,
-        weight,
-        bias,
-        targets,
-        ignore_index,
-        scale,
-        block_t=block_t,
-        block_v=block_v,
-        block_h=block_h,
-        num_splits=num_splits,
-        input_precision=input_precision,
+        hidden, weight, bias, targets, ignore_index, scale, precision, num_splits=num_splits, **blocks
     )
     if not want_u:
-        return logp, lse, torch.empty(0, dtype=torch.float32, device=dev)
+        return logp, lse, hidden.new_empty(0, dtype=torch.float32)
 
     V = weight.shape[0]
     u = torch.empty((T, H), dtype=torch.float32, device=dev)
     ones = torch.ones(T, dtype=torch.float32, device=dev)
+    live = _live_rows(targets, lse, ignore_index)
     cr = _chunk(chunk_rows, T)
     dz_buf = torch.empty((cr, V), dtype=_dz_dtype(hidden.dtype), device=dev)
     for r0 in range(0, T, cr):
         r1 = min(r0 + cr, T)
         dz = dz_buf[: r1 - r0]
+        rows = slice(r0, r1)
         _launch_dlogits(
-            hidden[r0:r1],
+            hidden[rows],
             weight,
             bias,
-            targets[r0:r1],
-            lse[r0:r1],
-            ones[r0:r1],
+            targets[rows],
+            live[rows],
+            lse[rows],
+            ones[rows],
             dz,
-            ignore_index,
             scale,
-            block_t=block_t,
-            block_v=block_v,
-            block_h=block_h,
-            input_precision=input_precision,
+            precision,
+            group_t=group_t,
+            **blocks,
         )
-        if dz.dtype == torch.float32:
-            torch.mm(dz, weight, out=u[r0:r1])
-        else:
-            u[r0:r1].copy_(_mm_f32(dz, weight))
+        _mm_into(u[rows], dz, weight, accumulate=False)
+    u.masked_fill_(~live[:, None], 0.0)  # 0 * NaN / inf in W
     return logp, lse, u
 
 
@@ -615,10 +626,11 @@ def linear_logprobs_bwd(
     block_t=None,
     block_v=None,
     block_h=None,
-    input_precision="ieee",
+    group_t=None,
+    input_precision=None,
 ):
     """Returns (dh [T,H] hidden dtype, dw [V,H] weight dtype, db [V] bias dtype); each
-    one not needed is torch.empty(0)."""
+    one not needed is an empty tensor of hidden's dtype. Keywords as in linear_logprobs_fwd."""
     hidden, weight, bias, targets = _prep(hidden, weight, bias, targets)
     T, H = hidden.shape
     V = weight.shape[0]
@@ -630,41 +642,31 @@ def linear_logprobs_bwd(
     db32 = torch.zeros(V, dtype=torch.float32, device=dev) if need_db else None
 
     if T > 0 and (need_dh or need_dw or need_db):
+        precision = input_precision or fp32_dot_precision()
+        blocks = dict(block_t=block_t, block_v=block_v, block_h=block_h, group_t=group_t)
         lse = lse.to(device=dev, dtype=torch.float32).contiguous()
         g = grad_logp.to(device=dev, dtype=torch.float32).contiguous()
+        live = _live_rows(targets, lse, ignore_index)
         cr = _chunk(chunk_rows, T)
         dz_buf = torch.empty((cr, V), dtype=_dz_dtype(hidden.dtype), device=dev)
         for r0 in range(0, T, cr):
             r1 = min(r0 + cr, T)
             dz = dz_buf[: r1 - r0]
-            h_c = hidden[r0:r1]
+            rows = slice(r0, r1)
+            h_c = hidden[rows]
             _launch_dlogits(
-                h_c,
-                weight,
-                bias,
-                targets[r0:r1],
-                lse[r0:r1],
-                g[r0:r1],
-                dz,
-                ignore_index,
-                scale,
-                block_t=block_t,
-                block_v=block_v,
-                block_h=block_h,
-                input_precision=input_precision,
+                h_c, weight, bias, targets[rows], live[rows], lse[rows], g[rows], dz, scale, precision, **blocks
             )
             if need_dh:  # dz has the input dtype (float32, bfloat16 or float16), like W and h
-                torch.mm(dz, weight, out=dh[r0:r1])
-            if need_dw:
-                if dz.dtype == torch.float32:
-                    dw32.addmm_(dz.t(), h_c)
-                else:
-                    dw32.add_(_mm_f32(dz.t(), h_c))
+                torch.mm(dz, weight, out=dh[rows])
+            if need_dw:  # rows without a gradient may hold NaN / inf hidden values: 0 * NaN = NaN
+                _mm_into(dw32, dz.t(), h_c.masked_fill(~live[rows, None], 0.0), accumulate=True)
             if need_db:
                 db32.add_(dz.sum(0, dtype=torch.float32))
+        if need_dh:
+            dh.masked_fill_(~live[:, None], 0.0)  # 0 * NaN / inf in W
 
-    empty = torch.empty(0, device=dev)
-    out_dh = dh if need_dh else empty
-    out_dw = (dw32 if weight.dtype == torch.float32 else dw32.to(weight.dtype)) if need_dw else empty
-    out_db = (db32 if bias.dtype == torch.float32 else db32.to(bias.dtype)) if need_db else empty
+    out_dh = dh if need_dh else hidden.new_empty(0)  # distinct empties: a custom op's outputs may not alias
+    out_dw = dw32.to(weight.dtype) if need_dw else hidden.new_empty(0)
+    out_db = db32.to(bias.dtype) if need_db else hidden.new_empty(0)
     return out_dh, out_dw, out_db

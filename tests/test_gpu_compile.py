@@ -96,7 +96,7 @@ def _run_check(*args, cwd=None, env=None):
         [sys.executable, "-m", "sami_kernels.kernels.compile_check", *args],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=2400,
         cwd=cwd,
         env=env,
     )

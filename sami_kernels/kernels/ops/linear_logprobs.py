@@ -5,10 +5,17 @@
     logp[t]  = z[t, y[t]] - lse[t],   lse[t] = logsumexp_v z[t, v]          (0 where y[t] == ignore_index)
 Backward for ANY upstream gradient g [T] (an InfoNCE over sequence sums is not a per-token sum):
     dz[t, v] = g[t] s (onehot(y[t])[v] - softmax(z[t])[v]);   dh = dz W,   dW = dz^T h,   db = sum_t dz[t]
-Trainable weight: the forward keeps lse [T]; the backward recomputes logits chunk by chunk: 8THV FLOPs.
+Trainable weight: the forward keeps lse [T]; the backward recomputes logits chunk by chunk: 8THV FLOPs
+(6THV when the float32 [T, V] logits fit in max_logits_bytes and are kept from the forward, cpu / cuda backends).
 Frozen weight (and bias), the LoRA case: the forward also keeps u[t] = d logp[t] / d h[t] = W^T dz[t]|_{g=1}
 ([T, H]) and the backward is the row scaling g[:, None] * u: 4THV FLOPs on the chunked backends.
 Outputs and accumulation are float32 (float64 for float64 inputs); dW is accumulated in that dtype too.
+Non-finite inputs, the same on every backend and in reference.linear_logprobs: -inf logits are allowed (a -inf
+bias bans or pads a token) and get probability 0 and gradient 0. A row whose target logit is -inf (every logit -inf
+included) gives logp = -inf and contributes exactly 0 to dh, dW and db (the forward marks it lse = +inf). A NaN logit
+(NaN in h[t], or in any row of W or entry of b, which reaches every row) or a +inf logit gives NaN for its rows.
+Finite inputs give finite outputs at any magnitude. Ignored and dead rows contribute exactly 0 to every gradient,
+whatever their values (their hidden rows are zeroed before the GEMMs, so no 0 * NaN reaches dW).
 """
 
 from __future__ import annotations

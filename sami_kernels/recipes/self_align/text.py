@@ -123,16 +123,26 @@ def principled_response(
     if answer_marker not in output:
         return None, "no answer"
     answer, complete = finish_answer(output.split(answer_marker, 1)[1], complete)
-    if len(answer) < min_chars:
-        return None, "too short"
-    if identity in answer or re.search(r"\bfollow rules? \d+ \(", answer):
-        return None, "thoughts in the answer"
-    if word_ngrams(answer, leak_n) & leak_ngrams:
-        return None, "exemplar leak"
-    if is_refusal_opening(answer):
-        return None, "refusal opening"
+    reason = answer_reject_reason(
+        answer, identity=identity, min_chars=min_chars, leak_ngrams=leak_ngrams, leak_n=leak_n
+    )
+    if reason is not None:
+        return None, reason
     answer = answer.replace(*rename)
     return (answer + terminator if complete else answer), None
+
+
+def answer_reject_reason(answer: str, *, identity: str, min_chars: int, leak_ngrams: set, leak_n: int) -> str | None:
+    """Stage 2's checks of the answer alone (thoughts already dropped): why it is dropped, or None."""
+    if len(answer) < min_chars:
+        return "too short"
+    if identity in answer or re.search(r"\bfollow rules? \d+ \(", answer):
+        return "thoughts in the answer"
+    if word_ngrams(answer, leak_n) & leak_ngrams:
+        return "exemplar leak"
+    if is_refusal_opening(answer):
+        return "refusal opening"
+    return None
 
 
 def finish_answer(text: str, complete: bool) -> tuple[str, bool]:

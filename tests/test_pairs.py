@@ -154,7 +154,7 @@ def test_from_texts_layout_and_joint_tokenisation():
     assert batch.pair_ids[1][0][1] == batch.response_ids[1][1]
     joint = PairBatch.from_texts(tok, ["q"], ["c1", "c2"], [["yes", "no"]], joint_tokenization=True)
     assert joint.pair_ids[0][1][0] == tok("yes").input_ids
-    with pytest.raises(ValueError, match="query 0, constitution 0, response 0: joint tokenisation merges"):
+    with pytest.raises(ValueError, match="query 0, constitution 0, response 0: a token merges across"):
         PairBatch.from_texts(
             CharTokenizer(merge_ab=True), ["q"], ["c", "d"], [["b!", "x"]], template="{query}a", joint_tokenization=True
         )
@@ -170,8 +170,10 @@ def test_bad_input_names_the_query_and_response():
         PairBatch.from_texts(tok, ["a"], ["c1"], [["x"]])
     no_bos = CharTokenizer()
     no_bos.bos_token_id = None
-    with pytest.raises(ValueError, match="no BOS token"):
-        PairBatch.from_texts(no_bos, ["a"], ["c1", "c2"], [["x", "y"]])
+    no_bos_batch = PairBatch.from_texts(no_bos, ["a"], ["c1", "c2"], [["x", "y"]], template="{constitution}{query}")
+    assert no_bos_batch.prompt_ids[0][1] == no_bos("c2a").input_ids  # a tokenizer without BOS: none prepended
+    with pytest.raises(ValueError, match="query 0: a prompt is empty after tokenisation"):
+        PairBatch.from_texts(no_bos, [""], ["", "c"], [["x", "y"]], template="{constitution}{query}")
     long_batch = PairBatch.from_texts(tok, ["a"], ["c" * 120, "c2"], [["x" * 20, "y"]])
     with pytest.raises(
         ValueError, match="query 0, constitution 0, response 0: 171 tokens exceed the model.s maximum of 128"

@@ -16,10 +16,10 @@ from sami_kernels.recipes.config import from_mapping, load_config
 from sami_kernels.recipes.data import load_queries, read_jsonl, write_jsonl
 from sami_kernels.recipes.sami.config import SAMIConfig
 from sami_kernels.recipes.sami.constitutions import load_principle_set, sample_constitutions
-from sami_kernels.recipes.sami.evaluation import judge_win, record_batch
+from sami_kernels.recipes.sami.evaluation import judge_margins, record_batch
 from sami_kernels.recipes.sami.sample import keep_reason
 from sami_kernels.recipes.sami.session import Session
-from sami_kernels.recipes.sami.train import optimizer_step, query_at
+from sami_kernels.recipes.sami.train import optimizer_step, prompt_rng, query_at
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_user_principle_sets_from_yaml_and_json(tmp_path):
     assert load_principle_set(str(tmp_path / "mine.json")).render((("brief", False),)) == "1. The assistant rambles."
     assert load_principle_set(str(tmp_path / "mine.yaml")).principles[0].antithesis == "b"
     (tmp_path / "bad.yaml").write_text("principles:\n  - {name: x, principle: a}\n")
-    with pytest.raises(ValueError, match=r"bad.yaml: principles\[0\] must have exactly"):
+    with pytest.raises(ValueError, match=r"bad.yaml: principles\[0\] must have the keys"):
         load_principle_set(str(tmp_path / "bad.yaml"))
     with pytest.raises(ValueError, match="neither a built-in set"):
         load_principle_set("no-such-set")
@@ -182,22 +182,21 @@ def test_stop_strings_and_filters():
     assert keep_reason("dialogue", [" a", " b"]) is None
     assert keep_reason("dialogue", [" a", " a"]) == "identical responses"
     assert keep_reason("dialogue", [" a", "  "]) == "empty"
-    assert keep_reason("dialogue", [" Dear [insert name]", " b"]) == "placeholder"
-    assert keep_reason("dialogue", [" I'm Sorry, no.", " b"]) == "refusal"
-    assert keep_reason("summarisation", [" short.", " long"]) == "no final period"
-    assert keep_reason("summarisation", [" I'm sorry.", " b."]) is None
+    assert keep_reason("dialogue", [" Dear [insert name]", " b"]) == "contains '[insert'"
+    assert keep_reason("dialogue", [" a", " I'm sorry, no."]) == "contains 'sorry'"
+    assert keep_reason("summarisation", [" long", " short."]) == "no final period"
 
 
 # ---- judge -----------------------------------------------------------------------------------------------------
 def test_judge_is_symmetric_in_the_two_responses(tiny):
+    """Swapping trained and base swaps the two orders and negates the margins; identical responses are not judged."""
     model, tokenizer = tiny
     args = (model, tokenizer, "1. The assistant is helpful.", "How do I keep basil fresh?")
     pairs = [(" Trim the stems and put them in water.", " Basil is green."), (" Yes.", " No, never.")]
     for a, b in pairs:
-        win = judge_win(*args, a, b)
-        assert win in (0.0, 0.5, 1.0)
-        assert win + judge_win(*args, b, a) == 1.0
-    assert judge_win(*args, " same", " same") == 0.5
+        as_a, as_b = judge_margins(*args, a, b)
+        assert judge_margins(*args, b, a) == (-as_b, -as_a)
+    assert judge_margins(*args, " same", " same") is None
 
 
 # ---- one optimiser step ----------------------------------------------------------------------------------------
@@ -244,7 +243,7 @@ def test_accumulated_gradient_is_the_mean_loss_gradient(micro, tmp_path):
 
     chosen = [records[query_at(0, 0, p, len(records))] for p in range(4)]
     batch = record_batch(
-        run.tokenizer, chosen, run.principles, run.training_template, rng_for=lambda b: random.Random(f"0/0/prompt{b}")
+        run.tokenizer, chosen, run.principles, run.training_template, rng_for=lambda b, i: prompt_rng(0, 0, b, i)
     )
     loss, _ = sk.sami_step_loss(model, batch)
     expected = torch.autograd.grad(loss, params)

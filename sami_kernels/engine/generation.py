@@ -1,12 +1,21 @@
 """Generation behind a small interface: a Generator continues prefix + prompt for many prompts sharing one prefix.
 
-    generator.generate(prefix, prompts) -> [continuation of prefix + p for p in prompts]   (cut at stop strings)
+    generator.generate(prefix, prompts) -> [continuation of the text prefix + p for p in prompts]  (cut at stop strings)
 
-HFGenerator runs batched Hugging Face generate with the prefix encoded ONCE: its KV cache is computed for one row,
-kept while later calls pass the same prefix (the model must not change meanwhile), and repeated for every batch;
-each row is laid out [prefix | padding | prompt] with the padding masked
-and positions counted over real tokens only, so every row equals its unpadded generation. Greedy by default. A vLLM
-(or any other) engine plugs in by implementing `generate` with the same contract.
+HFGenerator runs batched Hugging Face generate. Row k is fed exactly encode(prefix + prompts[k]) (tokens.encode: the
+text encoded as one string, BOS once), never the prefix and the prompt encoded apart (that would split "Human: How"
+into ':', 'Ġ', 'How' where the text has ':', 'ĠHow'). The shared part is the longest token prefix common to
+encode(prefix) and every row, capped so each row keeps >= 1 uncached token: the KV cache of encode(prefix) is computed
+ONCE for one row, kept while later calls pass the same prefix (the model must not change meanwhile), cut to the
+shared part and repeated for every batch. Each row is laid out [shared | padding | rest of the row] with the padding
+masked and positions counted over real tokens only, so every row equals its unpadded generation.
+
+Greedy by default. Sampling (config.do_sample) is done by the last logits processor, SeededSampling: temperature,
+then top-p, then one draw per row; with seeds=[s_k] row k draws from its own torch.Generator seeded with s_k, so an
+item's text depends neither on the batch it lands in nor on the global RNG (without seeds: the global RNG).
+first_token_bans bar their words' first tokens from the first generated token, or, with bans_after set, from the
+token generated right after the generated text first ends with bans_after. A vLLM (or any other) engine plugs in by
+implementing `generate` with the same contract.
 """
 
 from __future__ import annotations
@@ -18,9 +27,11 @@ from typing import Protocol
 
 import torch
 
+from .tokens import common_prefix_length, encode, tail_after
+
 
 class Generator(Protocol):
-    def generate(self, prefix: str, prompts: Sequence[str]) -> list[str]: ...
+    def generate(self, prefix: str, prompts: Sequence[str], *, seeds: Sequence[int] | None = None) -> list[str]: ...
 
 
 @dataclass
@@ -32,19 +43,36 @@ class GenerationConfig:
     top_p: float = 1.0
     stop_strings: tuple[str, ...] = ("Human:", "\n\nHuman", "###")
     first_token_bans: tuple[str, ...] = ()  # words the first new token may not start, e.g. ("Sorry",)
+    bans_after: str = ""  # "": the bans hit the first generated token; else the first token after this marker
     ngram_penalties: dict[int, float] = field(default_factory=dict)  # {n: penalty}, e.g. {3: 1.0, 4: 2.0}
 
 
 class FirstTokenBan:
-    """Logits processor: the first generated token may not be any of `token_ids`."""
+    """Logits processor: `token_ids` are barred from one token per row: the first generated token when `after` is
+    "", else the token generated right after the generated text (decode(ids after prompt_width)) first ends with
+    `after`. A processor with `after` keeps per-row state: make one per generate call."""
 
-    def __init__(self, token_ids: list[int], prompt_width: int):
-        self.token_ids, self.prompt_width = sorted(set(token_ids)), prompt_width
+    def __init__(self, token_ids: list[int], prompt_width: int, *, after: str = "", decode: Callable | None = None):
+        if after and decode is None:
+            raise ValueError("FirstTokenBan with `after` needs `decode` (token ids -> text)")
+        self.token_ids, self.prompt_width, self.after, self.decode = sorted(set(token_ids)), prompt_width, after, decode
+        self.passed: list[bool] | None = None  # per row: the marker was reached (and its ban applied)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[1] == self.prompt_width:
-            scores[:, self.token_ids] = float("-inf")
+        rows = self._rows_at_the_banned_token(input_ids[:, self.prompt_width :])
+        if rows:
+            scores[torch.tensor(rows, device=scores.device)[:, None], self.token_ids] = float("-inf")
         return scores
+
+    def _rows_at_the_banned_token(self, generated: torch.Tensor) -> list[int]:
+        if not self.after:
+            return list(range(len(generated))) if generated.shape[1] == 0 else []
+        if self.passed is None:
+            self.passed = [False] * len(generated)
+        rows = [r for r, ids in enumerate(generated) if not self.passed[r] and self.decode(ids).endswith(self.after)]
+        for r in rows:
+            self.passed[r] = True
+        return rows
 
 
 class NGramFrequencyPenalty:
@@ -73,6 +101,33 @@ class NGramFrequencyPenalty:
         return scores
 
 
+class SeededSampling:
+    """Last logits processor, sampling: p = softmax(scores / temperature), cut to the smallest set of most likely
+    tokens whose mass reaches top_p, renormalised; row r draws one token from its own torch.Generator seeded with
+    seeds[r] (the global RNG when seeds is None). Only the drawn token stays finite, so greedy selection returns it."""
+
+    def __init__(self, temperature: float, top_p: float, seeds: Sequence[int] | None):
+        self.temperature, self.top_p, self.seeds = temperature, top_p, seeds
+        self.generators: list[torch.Generator | None] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.generators is None:
+            self.generators = (
+                [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+                if self.seeds is not None
+                else [None] * len(scores)
+            )
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p  # the mass before it already reaches p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        drawn = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators, strict=True)])
+        chosen = torch.full_like(scores, float("-inf"))
+        chosen[torch.arange(len(scores), device=scores.device), drawn] = 0.0
+        return chosen
+
+
 def shared_prefix_prompts(template: str, queries: Sequence[str], **fields) -> tuple[str, list[str]]:
     """(prefix, prompts) with prefix + prompts[k] == template.format(query=queries[k], **fields): the prefix is the
     template up to {query}, shared by every query."""
@@ -92,84 +147,121 @@ class HFGenerator:
     def __init__(self, model, tokenizer, config: GenerationConfig, *, progress: Callable[[int], None] | None = None):
         if config.max_new_tokens < 1 or config.batch_size < 1:
             raise ValueError("generation.max_new_tokens and generation.batch_size must be >= 1")
+        if config.do_sample and not (config.temperature > 0 and 0 < config.top_p <= 1):
+            raise ValueError(
+                f"sampling needs generation.temperature > 0 and generation.top_p in (0, 1], got "
+                f"{config.temperature} and {config.top_p}"
+            )
         self.model, self.tokenizer, self.config, self.progress = model, tokenizer, config, progress
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.prefix_encodings = 0  # how many prefixes were run through the model (each one once)
-        self._prefix: tuple[list[int], object] | None = None  # (token ids, KV cache) of the last prefix
+        self._prefix: tuple[list[int], object] | None = None  # (encode(prefix), its KV cache) of the last prefix
 
-    def _processors(self, prompt_width: int):
+    def _banned_first_tokens(self) -> list[int]:
+        """First token of each banned word, with and without a leading space, alone and right after bans_after."""
+        marker = self.config.bans_after
+        marker_ids = encode(self.tokenizer, marker)
+        banned = []
+        for word in self.config.first_token_bans:
+            for text in (word, " " + word):
+                banned.append(self._text_ids(text)[0])
+                in_context = tail_after(marker_ids, encode(self.tokenizer, marker + text)) if marker else None
+                banned.extend(in_context[:1] if in_context else [])
+        return banned
+
+    def _processors(self, prompt_width: int, seeds: Sequence[int] | None):
         from transformers import LogitsProcessorList
 
+        c = self.config
         processors = LogitsProcessorList()
-        if self.config.first_token_bans:
-            banned = [self._encode(w)[0] for word in self.config.first_token_bans for w in (word, " " + word)]
-            processors.append(FirstTokenBan(banned, prompt_width))
-        for n, penalty in sorted(self.config.ngram_penalties.items()):
+        if c.first_token_bans:
+            decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+            processors.append(
+                FirstTokenBan(self._banned_first_tokens(), prompt_width, after=c.bans_after, decode=decode)
+            )
+        for n, penalty in sorted(c.ngram_penalties.items()):
             processors.append(NGramFrequencyPenalty(n, penalty, prompt_width))
+        if c.do_sample:
+            processors.append(SeededSampling(c.temperature, c.top_p, seeds))
         return processors
 
-    def _encode(self, text: str) -> list[int]:
+    def _text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def generate(self, prefix: str, prompts: Sequence[str]) -> list[str]:
-        return [text for text, _ in self.generate_with_status(prefix, prompts)]
-
-    @torch.no_grad()
-    def generate_with_status(self, prefix: str, prompts: Sequence[str]) -> list[tuple[str, bool]]:
-        """(continuation cut at the first stop string, finished): finished is False when max_new_tokens ran out
-        before a stop string or EOS."""
-        if not prompts:
-            return []
-        device = next(self.model.parameters()).device
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        prefix_ids = bos + self._encode(prefix)
-        if not prefix_ids:
-            raise ValueError("HFGenerator needs a non-empty prefix (or a tokenizer with a BOS token)")
-        was_training = self.model.training
-        self.model.eval()
+    def _prefix_cache(self, prefix_ids: list[int], shared: int, rows: int):
+        """The KV cache of prefix_ids[:shared] for `rows` rows (None when nothing is shared); the cache of the whole
+        prefix is computed once per prefix and cut (causal attention: its first `shared` positions are exact)."""
+        if shared == 0:
+            return None
         if self._prefix is None or self._prefix[0] != prefix_ids:
+            device = next(self.model.parameters()).device
             cache = self.model(torch.tensor([prefix_ids], device=device), use_cache=True).past_key_values
             self._prefix = (prefix_ids, cache)
             self.prefix_encodings += 1
-        prefix_cache = self._prefix[1]
-        encoded = [self._encode(p) for p in prompts]
+        cache = copy.deepcopy(self._prefix[1])
+        if len(prefix_ids) > shared:
+            cache.crop(shared - len(prefix_ids))  # a negative count: drop that many trailing positions
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+    def generate(self, prefix: str, prompts: Sequence[str], *, seeds: Sequence[int] | None = None) -> list[str]:
+        return [text for text, _ in self.generate_with_status(prefix, prompts, seeds=seeds)]
+
+    @torch.no_grad()
+    def generate_with_status(
+        self, prefix: str, prompts: Sequence[str], *, seeds: Sequence[int] | None = None
+    ) -> list[tuple[str, bool]]:
+        """(continuation cut at the first stop string, finished): finished is False when max_new_tokens ran out
+        before a stop string or EOS. seeds: one per prompt, the sampling seed of its row (see the module doc)."""
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
+        if not prompts:
+            return []
+        prefix_ids = encode(self.tokenizer, prefix)
+        encoded = [encode(self.tokenizer, prefix + p) for p in prompts]
+        shared = min(common_prefix_length([prefix_ids, *encoded]), min(map(len, encoded)) - 1)
+        was_training = self.model.training
+        self.model.eval()
         order = sorted(range(len(prompts)), key=lambda k: len(encoded[k]))  # similar lengths share a batch
         outputs: list[tuple[str, bool]] = [("", False)] * len(prompts)
-        c = self.config
-        sampling = (
-            dict(do_sample=True, temperature=c.temperature, top_p=c.top_p) if c.do_sample else dict(do_sample=False)
-        )
-        for start in range(0, len(order), c.batch_size):
-            rows = order[start : start + c.batch_size]
-            width = max(len(encoded[k]) for k in rows)
-            ids = torch.full((len(rows), len(prefix_ids) + width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            ids[:, : len(prefix_ids)] = torch.tensor(prefix_ids)
-            mask[:, : len(prefix_ids)] = 1
-            for r, k in enumerate(rows):
-                ids[r, ids.shape[1] - len(encoded[k]) :] = torch.tensor(encoded[k], dtype=torch.long)
-                mask[r, ids.shape[1] - len(encoded[k]) :] = 1
-            processors = self._processors(ids.shape[1])
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(rows))
-            out = self.model.generate(
-                ids.to(device),
-                attention_mask=mask.to(device),
-                past_key_values=cache,
-                max_new_tokens=c.max_new_tokens,
-                pad_token_id=self.pad_id,
-                stop_strings=list(c.stop_strings) or None,
-                tokenizer=self.tokenizer,
-                logits_processor=processors,
-                **sampling,
-            )
-            for r, k in enumerate(rows):
-                new = out[r, ids.shape[1] :]
-                text = self.tokenizer.decode(new, skip_special_tokens=True)
-                cut = cut_at_stop(text, c.stop_strings)
-                eos = self.tokenizer.eos_token_id
-                outputs[k] = (cut, cut != text or (eos is not None and bool((new == eos).any())))
+        for start in range(0, len(order), self.config.batch_size):
+            rows = order[start : start + self.config.batch_size]
+            row_seeds = None if seeds is None else [seeds[k] for k in rows]
+            results = self._generate_batch(prefix_ids, shared, [encoded[k] for k in rows], row_seeds)
+            for k, result in zip(rows, results, strict=True):
+                outputs[k] = result
             if self.progress is not None:
                 self.progress(len(rows))
         self.model.train(was_training)
         return outputs
+
+    def _generate_batch(self, prefix_ids, shared: int, rows: list[list[int]], seeds) -> list[tuple[str, bool]]:
+        """One batch: rows laid out [shared | padding | rest], generated, decoded and cut at the stop strings."""
+        c, device = self.config, next(self.model.parameters()).device
+        width = max(len(row) for row in rows) - shared
+        ids = torch.full((len(rows), shared + width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        ids[:, :shared] = torch.tensor(prefix_ids[:shared], dtype=torch.long)
+        mask[:, :shared] = 1
+        for r, row in enumerate(rows):
+            rest = row[shared:]
+            ids[r, ids.shape[1] - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+            mask[r, ids.shape[1] - len(rest) :] = 1
+        out = self.model.generate(
+            ids.to(device),
+            attention_mask=mask.to(device),
+            past_key_values=self._prefix_cache(prefix_ids, shared, len(rows)),
+            max_new_tokens=c.max_new_tokens,
+            pad_token_id=self.pad_id,
+            stop_strings=list(c.stop_strings) or None,
+            tokenizer=self.tokenizer,
+            logits_processor=self._processors(ids.shape[1], seeds),
+            do_sample=False,  # sampling, when configured, is the last logits processor's draw
+        )
+        results, eos = [], self.tokenizer.eos_token_id
+        for r in range(len(rows)):
+            new = out[r, ids.shape[1] :]
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            cut = cut_at_stop(text, c.stop_strings)
+            results.append((cut, cut != text or (eos is not None and bool((new == eos).any()))))
+        return results

@@ -4,6 +4,10 @@ mask, and flash-attn runs varlen), so no token sees another sequence. Only the h
 continuation tokens reach the output head, through the fused kernels.
 
     packed_logprobs(model, row)[k] = sum over continuation tokens t of sequence k of log p(t | earlier tokens of k)
+
+A (prompt, continuation) pair is tokenised by the rule of engine/tokens.py: ids = encode(prompt + continuation), the
+scored tokens are its tail after encode(prompt) (an SFT answer after "\n" keeps the tokens it has in context, with no
+spurious leading "▁" on SentencePiece tokenizers); a token merging across the boundary is refused (ValueError).
 """
 
 from __future__ import annotations
@@ -13,19 +17,20 @@ from dataclasses import dataclass
 import torch
 
 from .head import decoder_and_head, head_sequence_logprobs
+from .tokens import split_continuation
 
 
 @dataclass
 class Sequence:
-    ids: list[int]  # BOS + prompt + response
+    ids: list[int]  # encode(prompt + response)
     first_target: int  # index of the first response token in ids
 
 
 def tokenize_pair(tokenizer, prompt: str, response: str, cutoff: int) -> Sequence | None:
-    """[BOS] + prompt + response, cut at `cutoff` tokens; None when no response token survives the cut."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids = bos + tokenizer(prompt, add_special_tokens=False).input_ids
-    ids = (prompt_ids + tokenizer(response, add_special_tokens=False).input_ids)[:cutoff]
+    """encode(prompt + response) cut at `cutoff` tokens, scored after encode(prompt); None when no response token
+    survives the cut. BoundaryMergeError when a token merges across the prompt/response boundary."""
+    prompt_ids, response_ids = split_continuation(tokenizer, prompt, response)
+    ids = (prompt_ids + response_ids)[:cutoff]
     return Sequence(ids, len(prompt_ids)) if len(ids) > len(prompt_ids) else None
 
 

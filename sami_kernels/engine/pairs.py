@@ -9,6 +9,12 @@ tokens; prefix sharing runs N P + N^2 R, exactly:
        the true prefix length;
     4. the final hidden states that predict response tokens (the last prefix state, then the response states)
        go to the fused kernels with the model's own output head: never full-vocabulary logits at every position.
+
+Tokenisation (PairBatch.from_texts, the rule of engine/tokens.py): prompt_i's ids are encode(prompt_i) and response
+j's ids under constitution i are the tail of encode(prompt_i + response_j) after them, so the response is scored with
+the tokens it has in its context. A token merging across the boundary is refused (BoundaryMergeError). The engine
+scores one token sequence per response under every constitution, so tails that differ between constitutions are
+refused too, unless joint_tokenization=True, where each pair (i, j) keeps its own tail.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 
 from ..kernels.ops.infonce import infonce_loss
 from .head import decoder_and_head, head_sequence_logprobs
+from .tokens import BoundaryMergeError, encode, tail_after
 
 DEFAULT_TEMPLATE = "System: {constitution}\n\nHuman: {query}\n\nAssistant:"
 
@@ -27,11 +34,11 @@ DEFAULT_TEMPLATE = "System: {constitution}\n\nHuman: {query}\n\nAssistant:"
 class PairBatch:
     """Token ids of B queries x N constitutions x N responses, exactly as scored.
 
-    prompt_ids[b][i]:   prompt under constitution i, BOS included
-    response_ids[b][j]: the tokens of response j that are scored (no EOS)
+    prompt_ids[b][i]:   encode(prompt_i), the prompt under constitution i (BOS once, see the module docstring)
+    response_ids[b][j]: the tokens of response j that are scored (no EOS), taken under constitution j
     pair_ids[b][i][j]:  tokens scored for the pair (i, j); equal to response_ids[b][j] unless the batch was built
-                        with joint_tokenization=True (the reference code's way: prompt + response tokenised as
-                        one string, the first len(prompt) tokens masked, so boundary merges can differ per pair)
+                        with joint_tokenization=True (the reference code's way: each pair keeps its own tail, so
+                        the response's tokens may differ per constitution)
     """
 
     prompt_ids: list[list[list[int]]]
@@ -58,7 +65,7 @@ class PairBatch:
         joint_tokenization: bool = False,
     ) -> PairBatch:
         """queries [B] str; constitutions [N] str (shared) or [B][N]; responses [B][N] (response j written under
-        constitution j). Prompts are template.format(constitution=..., query=...); BOS once, no EOS target."""
+        constitution j). Prompts are template.format(constitution=..., query=...); no EOS target."""
         B = len(queries)
         if B == 0:
             raise ValueError("queries is empty")
@@ -72,47 +79,57 @@ class PairBatch:
         N = len(constitutions[0])
         if N < 2:
             raise ValueError(f"SAMI contrasts N >= 2 constitutions per query, got {N}")
-        bos = tokenizer.bos_token_id
-        if bos is None:
-            raise ValueError("the tokenizer has no BOS token (bos_token_id is None)")
-        encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
         prompt_ids, response_ids, pair_ids = [], [], []
-        for b in range(B):
-            if len(constitutions[b]) != N or len(responses[b]) != N:
+        for b, replies in enumerate(responses):
+            if len(constitutions[b]) != N or len(replies) != N:
                 raise ValueError(
                     f"query {b}: expected {N} constitutions and {N} responses, got "
-                    f"{len(constitutions[b])} and {len(responses[b])}"
+                    f"{len(constitutions[b])} and {len(replies)}"
                 )
-            prompts = [encode(template.format(constitution=c, query=queries[b])) for c in constitutions[b]]
-            answers = []
-            for j, text in enumerate(responses[b]):
-                ids = encode(text)
-                if not ids:
-                    raise ValueError(f"query {b}, response {j} is empty after tokenisation")
-                answers.append(ids)
-            if joint_tokenization:
-                pairs = []
-                for i, c in enumerate(constitutions[b]):
-                    prompt_text = template.format(constitution=c, query=queries[b])
-                    row = []
-                    for j, text in enumerate(responses[b]):
-                        joint = encode(prompt_text + text)
-                        where = f"query {b}, constitution {i}, response {j}"
-                        if joint[: len(prompts[i])] != prompts[i]:
-                            raise ValueError(
-                                f"{where}: joint tokenisation merges tokens across the prompt/response "
-                                "boundary; use joint_tokenization=False"
-                            )
-                        if len(joint) == len(prompts[i]):
-                            raise ValueError(f"{where}: no response token left after the prompt")
-                        row.append(joint[len(prompts[i]) :])
-                    pairs.append(row)
-            else:
-                pairs = [answers] * N
-            prompt_ids.append([[bos, *p] for p in prompts])
-            response_ids.append(answers)
+            prompts = [template.format(constitution=c, query=queries[b]) for c in constitutions[b]]
+            prompt_ids.append([encode(tokenizer, p) for p in prompts])
+            if not all(prompt_ids[b]):
+                raise ValueError(f"query {b}: a prompt is empty after tokenisation (and the tokenizer has no BOS)")
+            pairs = [
+                [
+                    _response_tail(tokenizer, prompt_ids[b][i], prompt + text, (b, i, j))
+                    for j, text in enumerate(replies)
+                ]
+                for i, prompt in enumerate(prompts)
+            ]
+            response_ids.append([pairs[j][j] for j in range(N)])  # under the constitution it was written for
+            if not joint_tokenization:
+                _check_same_tails(pairs, b)
+                pairs = [response_ids[b]] * N
             pair_ids.append(pairs)
         return cls(prompt_ids, response_ids, pair_ids)
+
+
+def _response_tail(tokenizer, prompt_ids: list[int], text: str, where: tuple[int, int, int]) -> list[int]:
+    """The ids of encode(text = prompt + response) after encode(prompt): the response's tokens in their context."""
+    b, i, j = where
+    tail = tail_after(prompt_ids, encode(tokenizer, text))
+    if tail is None:
+        raise BoundaryMergeError(
+            f"query {b}, constitution {i}, response {j}: a token merges across the prompt/response boundary "
+            "(encode(prompt) is not a token prefix of encode(prompt + response)); end the template or start the "
+            "response differently"
+        )
+    if not tail:
+        raise ValueError(f"query {b}, response {j} is empty after tokenisation (under constitution {i})")
+    return tail
+
+
+def _check_same_tails(pairs: list[list[list[int]]], b: int) -> None:
+    """Without joint tokenisation, response j must have one token sequence under every constitution."""
+    for i, row in enumerate(pairs):
+        for j, tail in enumerate(row):
+            if tail != pairs[0][j]:
+                raise BoundaryMergeError(
+                    f"query {b}, response {j}: its tokens after the prompt differ between constitution 0 and "
+                    f"constitution {i} (the prompt's end changes how the response tokenises); pass "
+                    "joint_tokenization=True to score each pair's own tokens"
+                )
 
 
 def _check_lengths(batch: PairBatch, model) -> None:

@@ -1,5 +1,16 @@
 """The SAMI loop's configuration: one dataclass per YAML section (every key checked, recipes/config.py), and the
-prompt presets per task."""
+prompt presets per task.
+
+Prompts (`prompt_format`): each task's preset is a system instruction, one format example (a query and its
+response), how a query is shown and a prefill that starts the response. Templates are strings with the fields
+{constitution} and {query}; the generation template holds the format example, the training template does not.
+    raw:  the paper's plain text, "System: <instruction>\n{constitution}\n\nHuman: ...\n\nAssistant:<prefill>".
+    chat: the tokenizer's own chat template (instruct models): a system message <instruction>\n{constitution},
+          [the example as a prior user / assistant exchange,] the query as the user message, the generation prompt
+          of the assistant's turn, then the prefill. Rendered once by apply_chat_template with sentinel values that
+          become the fields (the chat text's own braces escaped), so template.format(...) equals apply_chat_template
+          on the filled-in messages; generation and scoring use the same text.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +20,87 @@ from typing import Literal
 from ...engine.generation import GenerationConfig
 from ..training import LoRAConfig, OptimizerConfig
 
-# Presets per task: (generation prompt with a format example and the prefill, training prompt without the example).
-TEMPLATES = {
-    "dialogue": (
-        "System: Respond to the human as an assistant that follows these principles:\n{constitution}\n\n"
-        "Human: How many legs does a spider have?\n\nAssistant: A spider has eight legs.\n\n"
-        "Human: {query}\n\nAssistant:",
-        "System: Respond to the human as an assistant that follows these principles:\n{constitution}\n\n"
-        "Human: {query}\n\nAssistant:",
+
+@dataclass(frozen=True)
+class PromptPreset:
+    instruction: str  # the system text before the numbered constitution
+    example_query: str
+    example_response: str
+    user: str  # label of a query (raw "<user>: <query>"); a chat user message is the query, labelled unless "Human"
+    assistant: str  # raw label of the response ("Assistant", "Summary")
+    prefill: str = ""  # the response's first words, written by the prompt
+
+    def raw(self, *, example: bool) -> str:
+        shot = f"{self.user}: {self.example_query}\n\n{self.assistant}: {self.example_response}\n\n" if example else ""
+        return (
+            f"System: {self.instruction}\n{{constitution}}\n\n{shot}{self.user}: {{query}}\n\n"
+            f"{self.assistant}:{self.prefill and ' ' + self.prefill}"
+        )
+
+    def chat_messages(self, constitution: str, query: str, *, example: bool) -> list[dict]:
+        shown = (lambda q: q) if self.user == "Human" else (lambda q: f"{self.user}: {q}")
+        shot = [
+            {"role": "user", "content": shown(self.example_query)},
+            {"role": "assistant", "content": self.example_response},
+        ]
+        return [
+            {"role": "system", "content": f"{self.instruction}\n{constitution}"},
+            *(shot if example else []),
+            {"role": "user", "content": shown(query)},
+        ]
+
+    def chat(self, tokenizer, *, example: bool) -> str:
+        sentinels = {"constitution": "\x1eSAMI-CONSTITUTION\x1e", "query": "\x1eSAMI-QUERY\x1e"}
+        text = tokenizer.apply_chat_template(
+            self.chat_messages(sentinels["constitution"], sentinels["query"], example=example),
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        text = text.replace("{", "{{").replace("}", "}}")
+        for name, sentinel in sentinels.items():
+            if text.count(sentinel) != 1:
+                raise ValueError(
+                    f"prompt_format: chat: the tokenizer's chat template does not show the {name} verbatim once; "
+                    "use prompt_format: raw"
+                )
+            text = text.replace(sentinel, f"{{{name}}}")
+        return text + self.prefill
+
+
+PRESETS = {
+    "dialogue": PromptPreset(
+        instruction="Respond to the human as an assistant that follows these principles:",
+        example_query="How many legs does a spider have?",
+        example_response="A spider has eight legs.",
+        user="Human",
+        assistant="Assistant",
     ),
-    "summarisation": (
-        "System: Summarise the post, following these principles:\n{constitution}\n\n"
-        "Post: I lent my bike to a friend for a week and he returned it with a bent wheel. He says it was already "
-        "like that. Should I ask him to pay for the repair?\n\n"
-        "Summary: The post asks whether to make a friend pay for a wheel he bent on a borrowed bike.\n\n"
-        "Post: {query}\n\nSummary: The post",
-        "System: Summarise the post, following these principles:\n{constitution}\n\nPost: {query}\n\nSummary: The post",
+    "summarisation": PromptPreset(
+        instruction="Summarise the post, following these principles:",
+        example_query="I lent my bike to a friend for a week and he returned it with a bent wheel. He says it was "
+        "already like that. Should I ask him to pay for the repair?",
+        example_response="The post asks whether to make a friend pay for a wheel he bent on a borrowed bike.",
+        user="Post",
+        assistant="Summary",
+        prefill="The post",
     ),
 }
+
+
+def prompt_templates(prompt_format: str, task: str, tokenizer) -> tuple[str, str]:
+    """(generation template with the format example, training template without it) of a task's preset."""
+    preset = PRESETS[task]
+    if prompt_format == "raw":
+        return preset.raw(example=True), preset.raw(example=False)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"prompt_format: chat needs a tokenizer with a chat template, and {tokenizer.name_or_path!r} has none; "
+            "use prompt_format: raw (the paper's plain System / Human / Assistant text)"
+        )
+    return preset.chat(tokenizer, example=True), preset.chat(tokenizer, example=False)
+
+
+TEMPLATES = {task: prompt_templates("raw", task, None) for task in PRESETS}  # the raw (generation, training) pairs
 
 
 @dataclass
@@ -73,12 +147,14 @@ class TrainingSection:
 @dataclass
 class EvaluationSection:
     judge_queries: int = 0  # held-out queries judged trained-vs-base (0: no judge)
-    judge: Literal["base", "trained"] = "base"
+    judge: str = "base"  # "base", "trained", or a causal LM: a local directory or a hub id
+    adherence_queries: int = 0  # held-out queries for the principles' judge-free measures (0: off)
 
 
 @dataclass
 class SAMIConfig:
     model: str = "smollm2"  # "smollm2", "tiny-random", a local directory or a hub id
+    prompt_format: Literal["raw", "chat"] = "raw"  # chat: the tokenizer's chat template, constitution as system
     output_dir: str = "runs/sami"
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast over fp32 weights
@@ -109,3 +185,10 @@ class SAMIConfig:
         for key, template in (("generation.template", self.generation.template), ("training.template", t.template)):
             if template is not None and not 0 <= template.find("{constitution}") < template.find("{query}"):
                 raise ValueError(f"{key} must contain {{constitution}} and, after it, {{query}}")
+            if template is not None and self.prompt_format == "chat":
+                raise ValueError(f"{key} is set, but prompt_format: chat builds the templates from the chat template")
+        e = self.evaluation
+        if e.judge_queries < 0 or e.adherence_queries < 0:
+            raise ValueError("evaluation.judge_queries and evaluation.adherence_queries must be >= 0")
+        if not e.judge.strip():
+            raise ValueError("evaluation.judge must be 'base', 'trained', or a model directory / hub id")

@@ -1,8 +1,12 @@
 """Constitutions: principles with written antitheses, and the N constitutions SAMI contrasts for each query.
 
-A principle set is a YAML or JSON file  {name, task, principles: [{name, principle, antithesis}, ...]};
+A principle set is a YAML or JSON file  {name, task, principles: [{name, principle, antithesis[, measure]}, ...]};
 built-in sets live in sami_kernels/data/constitutions: "dialogue" (helpful, harmless), "summarisation"
 (concise, comprehensive) and "pool" (ten principles for the element-wise-opposite scheme).
+
+A principle may declare a judge-free measure of adherence,  measure: {metric: words | refusal, direction: lower |
+higher}: a number per response (METRICS: its word count, or 1 if it refuses (REFUSAL) else 0) and the way following
+the principle moves its mean (concise: words, lower). evaluation.py compares it under the principle and its flip.
 
 A constitution is a tuple of clauses (principle name, follows): follows=False selects the antithesis. Schemes for
 the N constitutions of one query; constitution 0 is the one the trained model should follow:
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +34,33 @@ SCHEMES = ("antithesis", "opposite")
 Clause = tuple[str, bool]
 Constitution = tuple[Clause, ...]
 
+REFUSAL = re.compile(  # a crude refusal detector: an apology, or "I can't / won't / am unable to" + help verb
+    r"\b(?:sorry|apologi(?:[sz]e|es)|I(?: am|['’]m) (?:unable|not able) to"
+    r"|I (?:can ?not|can['’]t|won['’]t|will not) (?:help|assist|provide|do|share|answer|comply|support|give|write))\b",
+    re.IGNORECASE,
+)
+METRICS = {
+    "words": lambda response: float(len(response.split())),
+    "refusal": lambda response: float(REFUSAL.search(response) is not None),
+}
+DIRECTIONS = ("lower", "higher")
+
+
+@dataclass(frozen=True)
+class Measure:
+    metric: str  # a key of METRICS
+    direction: str  # "lower" / "higher": the way following the principle moves the mean
+
+    def mean(self, responses: list[str]) -> float:
+        return sum(map(METRICS[self.metric], responses)) / len(responses)
+
 
 @dataclass(frozen=True)
 class Principle:
     name: str
     principle: str
     antithesis: str
+    measure: Measure | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +86,10 @@ class PrincipleSet:
     def positive(self) -> Constitution:
         return tuple((p.name, True) for p in self.principles)
 
+    def flipped(self, name: str) -> Constitution:
+        """The positive constitution with just principle `name` replaced by its antithesis."""
+        return tuple((p.name, p.name != name) for p in self.principles)
+
 
 def load_principle_set(source: str) -> PrincipleSet:
     """A built-in set by name ("dialogue", "summarisation", "pool") or a YAML / JSON file path."""
@@ -74,17 +104,33 @@ def load_principle_set(source: str) -> PrincipleSet:
         raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("principles"), list) or not raw["principles"]:
         raise ValueError(f"{path}: expected a mapping with a non-empty 'principles' list")
-    principles = []
-    for k, entry in enumerate(raw["principles"]):
-        if not isinstance(entry, dict) or set(entry) != {"name", "principle", "antithesis"}:
-            raise ValueError(f"{path}: principles[{k}] must have exactly the keys name, principle, antithesis")
-        if not all(isinstance(v, str) and v.strip() for v in entry.values()):
-            raise ValueError(f"{path}: principles[{k}] has an empty or non-string value")
-        principles.append(Principle(entry["name"], entry["principle"].strip(), entry["antithesis"].strip()))
+    principles = [parse_principle(entry, f"{path}: principles[{k}]") for k, entry in enumerate(raw["principles"])]
     names = [p.name for p in principles]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: duplicate principle names in {names}")
     return PrincipleSet(str(raw.get("name", path.stem)), str(raw.get("task", "dialogue")), tuple(principles))
+
+
+def parse_principle(entry, where: str) -> Principle:
+    texts = ("name", "principle", "antithesis")
+    if not isinstance(entry, dict) or not set(texts) <= set(entry) <= {*texts, "measure"}:
+        raise ValueError(f"{where} must have the keys name, principle, antithesis and optionally measure")
+    if not all(isinstance(entry[key], str) and entry[key].strip() for key in texts):
+        raise ValueError(f"{where} has an empty or non-string name, principle or antithesis")
+    measure = entry.get("measure")
+    if measure is not None:
+        if (
+            not isinstance(measure, dict)
+            or set(measure) != {"metric", "direction"}
+            or measure["metric"] not in METRICS
+            or measure["direction"] not in DIRECTIONS
+        ):
+            raise ValueError(
+                f"{where}.measure must be {{metric: one of {sorted(METRICS)}, direction: one of {list(DIRECTIONS)}}}, "
+                f"got {measure!r}"
+            )
+        measure = Measure(measure["metric"], measure["direction"])
+    return Principle(entry["name"], entry["principle"].strip(), entry["antithesis"].strip(), measure)
 
 
 def sample_constitutions(

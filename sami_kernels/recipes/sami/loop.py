@@ -7,10 +7,11 @@
         train:    model_t = base (restart, the paper) or model_{t-1} (continue); K_t optimiser steps, each over B
                   queries:  L = mean_b InfoNCE(M_b),  M_b[i, j] = mean log p(y_j | training_prompt(shuffle(c_i), x_b))
         evaluate: held-out MI lower bound log N - L, on fixed held-out queries with base-model responses
-    finally: pairwise judge win rate of model_{T-1} vs base on held-out queries
+    finally: model_{T-1} vs base on held-out queries: the pairwise judge's win rate, ties and position flips, and
+             the principles' judge-free adherence measures (evaluation.py)
 
 Outputs under output_dir: config.yaml, heldout.jsonl, iter-<t>/generations.jsonl, iter-<t>/model/ (weights or
-LoRA adapter + tokenizer), checkpoints/, metrics.jsonl, sami.png, judge.jsonl, summary.json.
+LoRA adapter + tokenizer), checkpoints/, metrics.jsonl, sami.png, judge.jsonl, adherence.jsonl, summary.json.
 Every file is written atomically; a killed run re-run with the same command resumes from its last checkpoint.
 """
 
@@ -24,7 +25,7 @@ from ..checkpoint import load_latest
 from ..data import load_queries, write_text
 from ..metrics import plot_training
 from .config import SAMIConfig
-from .evaluation import judge_against_base, log_heldout_mi
+from .evaluation import evaluate_against_base, log_heldout_mi
 from .sample import sample
 from .session import Session
 from .train import train_iteration
@@ -70,7 +71,8 @@ def split_queries(config: SAMIConfig) -> tuple[list[str], list[str]]:
 
 
 def finish(session: Session, heldout) -> dict:
-    """The summary (main process): losses, held-out MI before / after, the judge's win rate, where things went."""
+    """The summary (main process): losses, held-out MI before / after, the judge's counts, adherence, where things
+    went."""
     c, out, summary = session.config, session.out, {}
     if session.procs.is_main:
         records = session.log.records()
@@ -88,9 +90,8 @@ def finish(session: Session, heldout) -> dict:
             "metrics": str(out / "metrics.jsonl"),
             "plot": str(plot_training(records, out / "sami.png", title=f"SAMI on {c.model}")),
         }
-        if c.evaluation.judge_queries > 0:
-            summary["judge_win_rate"] = judge_against_base(session, heldout[: c.evaluation.judge_queries], last)
-            summary["judge"] = str(out / "judge.jsonl")
+        if c.evaluation.judge_queries or c.evaluation.adherence_queries:
+            summary.update(evaluate_against_base(session, heldout, last))
         write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     session.log.close()
     session.procs.barrier()
@@ -103,5 +104,10 @@ def print_summary(summary: dict) -> None:
         return
     print("\nSAMI run summary")
     for key, value in summary.items():
-        shown = f"{value:.4f}" if isinstance(value, float) else value
-        print(f"  {key:24s} {shown}")
+        if key != "adherence":
+            print(f"  {key:24s} {f'{value:.4f}' if isinstance(value, float) else value}")
+    for name, measured in summary.get("adherence", {}).items():
+        print(f"  adherence of {name} ({measured['metric']}, {measured['direction']} when followed; gap > 0: follows)")
+        for model in ("base", "trained"):
+            m = measured[model]
+            print(f"    {model:8s} follow {m['follow']:9.4f}   flip {m['flip']:9.4f}   gap {m['gap']:+9.4f}")

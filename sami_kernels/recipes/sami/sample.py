@@ -1,5 +1,14 @@
 """SAMI's sampling step: per query, N constitutions drawn and one response generated under each, the paper's
-filters applied. Queries that share a constitution share its prefix (one generator call, the prefix encoded once)."""
+filters applied. Queries that share a constitution share its prefix (one generator call, the prefix encoded once).
+
+Filters (keep_reason), those of the reference implementation (janphilippfranken/sami, experiments/tldr: generate.py
+and its config's `filter` list), for both tasks: a query is dropped when any response is empty, contains one of
+ARTEFACTS (case-sensitive substrings, as there: "Sorry" passes, "sorry" does not), or two responses are identical;
+for summarisation, also when the POSITIVE response (constitution 0) does not end with a period (the reference checks
+only that one). The reference compares its two responses; with N > 2 every pair must differ. Always, filters or not:
+a query is dropped when a response cannot be scored after the training prompt because a token merges across the
+boundary (a summary continuing "The post" with "s ..."; engine/tokens.py).
+"""
 
 from __future__ import annotations
 
@@ -9,22 +18,25 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ...engine.generation import shared_prefix_prompts
+from ...engine.tokens import BoundaryMergeError
 from .constitutions import sample_constitutions
+from .evaluation import record_batch
 from .session import Session
+
+ARTEFACTS = ("[insert", "[]", "]", "sorry", "Response")  # placeholders, refusals, a leaked "Response" header
 
 
 def keep_reason(task: str, responses: list[str]) -> str | None:
-    """Why a query's N responses are dropped (the paper's filters), or None to keep them."""
+    """Why a query's N responses (constitution 0's first) are dropped, or None to keep them."""
     if any(not r.strip() for r in responses):
         return "empty"
+    found = next((a for r in responses for a in ARTEFACTS if a in r), None)
+    if found is not None:
+        return f"contains {found!r}"
     if len(set(responses)) < len(responses):
         return "identical responses"
-    if task == "summarisation":
-        return None if all(r.rstrip().endswith(".") for r in responses) else "no final period"
-    if any("[insert" in r.lower() or "[]" in r for r in responses):
-        return "placeholder"
-    if any("sorry" in r.lower() for r in responses):
-        return "refusal"
+    if task == "summarisation" and not responses[0].rstrip().endswith("."):
+        return "no final period"
     return None
 
 
@@ -61,12 +73,21 @@ def sample(
                 responses[q][j] = text.rstrip()
     records, counts = [], {"queries": len(queries), "kept": 0}
     for q, query in enumerate(queries):
+        record = {"query": query, "constitutions": [list(map(list, x)) for x in drawn[q]], "responses": responses[q]}
         reason = keep_reason(session.task, responses[q]) if c.generation.filters else None
+        reason = reason or scoring_reason(session.tokenizer, session.principles, session.training_template, record)
         if reason is not None:
             counts[f"dropped: {reason}"] = counts.get(f"dropped: {reason}", 0) + 1
             continue
         counts["kept"] += 1
-        records.append(
-            {"query": query, "constitutions": [list(map(list, x)) for x in drawn[q]], "responses": responses[q]}
-        )
+        records.append(record)
     return records, counts
+
+
+def scoring_reason(tokenizer, principles, template: str, record: dict) -> str | None:
+    """Why a record {query, constitutions, responses} cannot be scored after the training template, or None."""
+    try:
+        record_batch(tokenizer, [record], principles, template)
+    except BoundaryMergeError:
+        return "merges with the prompt"
+    return None

@@ -16,7 +16,7 @@ from ..config import to_mapping
 from ..data import read_jsonl, write_jsonl, write_text
 from ..metrics import MetricsLog
 from ..training import Processes, is_adapter_dir, load_model
-from .config import TEMPLATES, SAMIConfig
+from .config import PRESETS, SAMIConfig, prompt_templates
 from .constitutions import PrincipleSet, load_principle_set
 
 
@@ -29,9 +29,12 @@ class Session:
         self.procs = Processes()
         self.out = Path(c.output_dir)
         self.principles: PrincipleSet = load_principle_set(c.constitutions.set)
-        self.task = self.principles.task if self.principles.task in TEMPLATES else "dialogue"
-        self.generation_template = c.generation.template or TEMPLATES[self.task][0]
-        self.training_template = c.training.template or TEMPLATES[self.task][1]
+        self.task = self.principles.task if self.principles.task in PRESETS else "dialogue"
+        if c.evaluation.adherence_queries and not any(p.measure for p in self.principles.principles):
+            raise ValueError(
+                f"evaluation.adherence_queries = {c.evaluation.adherence_queries}, but no principle of "
+                f"constitutions.set {c.constitutions.set!r} declares a measure"
+            )
         if c.training.batch_queries % self.procs.world:
             raise ValueError(
                 f"training.batch_queries = {c.training.batch_queries} must divide evenly over {self.procs.world} "
@@ -46,6 +49,9 @@ class Session:
 
         hf_logging.disable_progress_bar()  # per-load bars would drown the loop's own
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+        generation, training = prompt_templates(c.prompt_format, self.task, self.tokenizer)
+        self.generation_template = c.generation.template or generation
+        self.training_template = c.training.template or training
         self.show = c.progress and self.procs.is_main
         self.log: MetricsLog | None = None
 

@@ -80,7 +80,7 @@ def optimizer_step(session: Session, scorer, params, optimizer, scheduler, recor
             [records[query_at(c.seed, t, p, len(records))] for p in chunk],
             session.principles,
             session.training_template,
-            rng_for=lambda b, chunk=chunk: random.Random(f"{c.seed}/{t}/prompt{chunk[b]}"),  # per prompt
+            rng_for=lambda b, i, chunk=chunk: prompt_rng(c.seed, t, chunk[b], i),
         )
         sync = contextlib.nullcontext() if m == len(micro) - 1 or procs.world == 1 else scorer.no_sync()
         with sync:
@@ -105,6 +105,12 @@ def optimizer_step(session: Session, scorer, params, optimizer, scheduler, recor
         "lr": lr,
         "grad_norm": grad_norm,
     }
+
+
+def prompt_rng(seed: int, t: int, position: int, constitution: int) -> random.Random:
+    """The Random shuffling the clauses of one training prompt: constitution `constitution` of the record at
+    `position` of iteration t's stream. Each prompt its own order, the same on a resumed run."""
+    return random.Random(f"{seed}/{t}/prompt{position}/c{constitution}")
 
 
 def query_at(seed: int, t: int, position: int, count: int) -> int:

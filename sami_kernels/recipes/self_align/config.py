@@ -13,6 +13,7 @@ from .text import DEFAULT_BLACKLIST
 DATA = Path(__file__).parents[2] / "data" / "self_align"
 IDENTITY = "I am a helpful, ethical, and reliable assistant."
 TERMINATOR = "\n\n### User\n"  # ends every complete answer: the next user turn
+ANSWER_MARKER = "### {prompt_name}\n"  # stage 2: the thoughts end, the answer begins
 STAGES = ("1", "2", "3", "4", "eval")
 
 
@@ -39,16 +40,19 @@ class PromptsSection:
 class AnswersSection:
     max_queries: int | None = None  # answer at most this many stage-1 prompts (a seeded sample; None: all)
     prompt_name: str = "Nova"  # the assistant's name inside the rules prompt; renamed to `name` afterwards
-    min_chars: int = 160
+    min_chars: int = 160  # of a complete answer (text.py)
     leak_ngram: int = 8  # an answer sharing a word n-gram with an exemplar answer is a leak
+    # the ban lands on the answer's first token: bans_after is the answer marker ({prompt_name} is filled in)
     generation: GenerationConfig = field(
-        default_factory=lambda: _sampling(max_new_tokens=256, temperature=0.5, top_p=0.95, first_token_bans=("Sorry",))
+        default_factory=lambda: _sampling(
+            max_new_tokens=256, temperature=0.5, top_p=0.95, first_token_bans=("Sorry",), bans_after=ANSWER_MARKER
+        )
     )
 
 
 @dataclass
 class VerboseSection:
-    min_chars: int = 160
+    min_chars: int = 128  # of an answer the token budget cut (text.py)
     generation: GenerationConfig = field(
         default_factory=lambda: _sampling(
             max_new_tokens=512, temperature=0.3, top_p=0.7, ngram_penalties={3: 1.0, 4: 2.0}
@@ -58,9 +62,14 @@ class VerboseSection:
 
 
 @dataclass
-class EvaluationSection:
-    truthful: str = str(DATA / "mc_truthful.jsonl")
-    hhh: str = str(DATA / "mc_hhh.jsonl")
+class EvaluationSection:  # the metrics: evaluation.py
+    truthful: str = str(DATA / "mc_truthful.jsonl")  # MC1 groups {question, candidates, correct}
+    hhh: str = str(DATA / "mc_hhh.jsonl")  # {query, a, b, better}
+    heldout: str = str(DATA / "heldout_prompts.jsonl")  # never trained on: {id, instruction, kind}
+    heldout_count: int | None = None  # the first n held-out prompts (ours alternate ordinary / red-team); None: all
+    generation: GenerationConfig = field(  # the held-out answers: greedy (do_sample must stay false)
+        default_factory=lambda: GenerationConfig(max_new_tokens=128, stop_strings=(TERMINATOR.strip(),))
+    )
 
 
 @dataclass

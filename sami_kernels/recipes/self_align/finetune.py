@@ -7,20 +7,32 @@ from __future__ import annotations
 import functools
 
 from ...engine.packed import tokenize_pair
+from ...engine.tokens import BoundaryMergeError
 from .answers import answer_all
 from .config import DATA, TERMINATOR
 from .session import Session
 from .sft import sft_train
 from .stage_file import StageFile
-from .text import finish_answer, is_refusal_opening
+from .text import finish_answer, verbose_reject_reason
+
+
+def engraving_template(session: Session) -> str:
+    """Stage 3's prompt with a {query} field: the short system prompt and one user turn, no rules (stages 3 and 4
+    train on it, the engraving measure answers in it)."""
+    return session.system + "### User\n{query}\n\n### " + session.config.name + "\n"
 
 
 def sft_sequences(session: Session, records: list[dict], cutoff: int):
-    """(query, response) -> [BOS] + short system prompt + user turn + response; loss on the response only."""
-    prompts = [f"{session.system}### User\n{r['instruction']}\n\n### {session.config.name}\n" for r in records]
-    sequences = [
-        tokenize_pair(session.tokenizer, p, r["response"], cutoff) for p, r in zip(prompts, records, strict=True)
-    ]
+    """(query, response) -> [BOS] + engraving_template + response; loss on the response only. An answer
+    cut away entirely by `cutoff`, or whose first token merges with the prompt's last (engine/tokens.py), is left out:
+    the stage's "examples" count says how many were kept."""
+    template, sequences = engraving_template(session), []
+    for r in records:
+        prompt = template.replace("{query}", r["instruction"])
+        try:
+            sequences.append(tokenize_pair(session.tokenizer, prompt, r["response"], cutoff))
+        except BoundaryMergeError:
+            continue
     return [s for s in sequences if s is not None]
 
 
@@ -36,6 +48,7 @@ def engrave(session: Session) -> dict:
         sequences,
         config,
         session.tokenizer,
+        seed=session.unit_seed("stage3"),
         show=session.show,
         desc="stage 3: engraving",
     )
@@ -71,17 +84,21 @@ def verbose_clone(session: Session) -> dict:
         sequences,
         c.training,
         session.tokenizer,
+        seed=session.unit_seed("stage4"),
         show=session.show,
         desc="stage 4: verbose cloning",
     )
-    return {**stage.counts, "model": str(path)}
+    return {**stage.counts, "examples": len(sequences), "model": str(path)}
 
 
-def verbose_response(session: Session, output: str, complete: bool) -> tuple[str | None, str | None]:
-    """Stage 4's filter: cut at the first repeated clause, at least min_chars, no refusal opening."""
+def verbose_response(
+    session: Session, output: str, *, complete: bool, instruction: str
+) -> tuple[str | None, str | None]:
+    """Stage 4's filter (text.py): the answer finished, checked by verbose_reject_reason, a complete one terminated."""
     answer, complete = finish_answer(output, complete)
-    if len(answer) < session.config.verbose.min_chars:
-        return None, "too short"
-    if is_refusal_opening(answer):
-        return None, "refusal opening"
+    reason = verbose_reject_reason(
+        answer, complete=complete, min_chars=session.config.verbose.min_chars, instruction=instruction
+    )
+    if reason is not None:
+        return None, reason
     return (answer + TERMINATOR if complete else answer), None

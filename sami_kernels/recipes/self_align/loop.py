@@ -3,7 +3,7 @@
     1  prompts:   vanilla self-instruct from seed tasks, and topic-guided red-teaming (TGRT): topics brainstormed
                   per adversarial question type, then one question per (type, topic); the paper's filters
     2  answers:   rules + exemplars prefix (encoded once, its KV cache reused for every query), internal thoughts,
-                  sampled answers (T 0.5, top-p 0.95, first token may not be "Sorry"), the post-filters
+                  sampled answers (T 0.5, top-p 0.95, the answer's first token may not be "Sorry"), the post-filters
     3  engrave:   SFT of the BASE model on (query, answer) with only a short system prompt (LoRA by default)
     4  verbose:   the stage-3 model answers under a teacher prompt asking for extensive answers (3/4-gram frequency
                   penalties); filtered; a FRESH LoRA on the base model is fine-tuned on them
@@ -11,8 +11,10 @@
 
 Each stage reads the previous stage's JSONL under output_dir and writes its own (stage1.jsonl, stage2.jsonl,
 stage3/model, stage4.jsonl, stage4/model, eval.json), with counts per filter reason (stage<k>.counts.json).
-Generation stages append every finished batch to stage<k>.log.jsonl (fsync'ed) and write their outputs atomically
-from it when the stage ends; a re-run skips every unit of work already logged.
+Generation stages append every finished batch to stage<k>.log.jsonl (fsync'ed, whole or not at all) and write their
+outputs atomically from it when the stage ends; a re-run skips every unit of work already logged. Every generated item
+is sampled with its own seed (config seed, stage, item), and each SFT stage shuffles its data with its own seed
+(config seed, stage): a resumed run writes and trains on exactly what an uninterrupted one does.
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ def write_prompts(session: Session) -> dict:
                 continue
             sampled = random.Random(f"{session.config.seed}/{unit}").sample(seeds, c.seeds_per_prompt)
             listing = "".join(f"{k}. {s}\n" for k, s in enumerate(sampled, 1)) + f"{len(sampled) + 1}."
-            session.seed_generation(unit)
-            output, finished = generator.generate_with_status(header, [listing])[0]
+            seed = session.unit_seed("stage1", unit)
+            output, finished = generator.generate_with_status(header, [listing], seeds=[seed])[0]
             items = parse_numbered(output)
             if items and not finished:  # the token budget ran out inside the last item
                 stage.add(f"{unit}-{len(items) - 1}", None, "cut by max_new_tokens")
@@ -89,9 +89,9 @@ def tgrt(session: Session, model, types: list[dict], stage: StageFile, unique: N
             + "".join(f"{k}. {t}\n" for k, t in enumerate(qt["topics"], 1))
             + f"{len(qt['topics']) + 1}."
         )
-        session.seed_generation(unit)
         topics = []
-        for topic in parse_numbered(generator.generate(topic_prefix, [listing])[0]):
+        brainstormed = generator.generate(topic_prefix, [listing], seeds=[session.unit_seed("stage1", unit, "topics")])
+        for topic in parse_numbered(brainstormed[0]):
             reason = topic_reject_reason(topic) or ("duplicate topic" if topic.lower() in seen_topics else None)
             reason = reason or ("type balance" if len(topics) >= c.topics_per_type else None)
             if reason is not None:
@@ -101,7 +101,10 @@ def tgrt(session: Session, model, types: list[dict], stage: StageFile, unique: N
             topics.append(topic)
         hints = "".join(f"Topic: {t}\nQuestion: {q}\n" for t, q in zip(qt["topics"], qt["questions"], strict=False))
         prompts = [f"Question type: {qt['name']}. {qt['description']}\n{hints}Topic: {t}\nQuestion:" for t in topics]
-        for k, (topic, text) in enumerate(zip(topics, generator.generate(question_prefix, prompts), strict=True)):
+        questions = generator.generate(
+            question_prefix, prompts, seeds=[session.unit_seed("stage1", unit, topic) for topic in topics]
+        )
+        for k, (topic, text) in enumerate(zip(topics, questions, strict=True)):
             question = " ".join(text.strip().split("\n", 1)[0].split())
             reason = instruction_reject_reason(question, c.blacklist) or unique.reason(question)
             record = None

@@ -4,6 +4,7 @@ the previous stage's output."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from .config import SelfAlignConfig
 class Session:
     def __init__(self, config: SelfAlignConfig, *, make_generator=HFGenerator):
         """make_generator(model, tokenizer, generation_config, progress=None) -> an HFGenerator-like object with
-        generate and generate_with_status (generation.py)."""
+        generate and generate_with_status, both taking seeds= (generation.py)."""
         self.config = c = config
         self.make_generator = make_generator
         self.out = Path(c.output_dir)
@@ -42,10 +43,12 @@ class Session:
     def generator(self, model, generation: GenerationConfig, bar=None):
         return self.make_generator(model, self.tokenizer, generation, progress=None if bar is None else bar.update)
 
-    def seed_generation(self, unit: str) -> None:
-        """Sampling is seeded per unit of work, so a resumed run draws what an uninterrupted one would."""
-        digest = hashlib.sha256(f"{self.config.seed}/{unit}".encode()).digest()
-        torch.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+    def unit_seed(self, *unit: str) -> int:
+        """The seed of one unit of work (an SFT stage, one generated item: its row's sampling seed): a stable hash of
+        the config seed and the unit's names, the same in every process, so a resumed run draws exactly what an
+        uninterrupted one draws, whichever batch an item lands in."""
+        digest = hashlib.sha256(json.dumps([self.config.seed, *unit]).encode()).digest()
+        return int.from_bytes(digest[:8], "little") % 2**63
 
     def needs(self, stage: str) -> list[dict]:
         path = self.out / f"stage{stage}.jsonl"

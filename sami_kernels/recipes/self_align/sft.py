@@ -7,11 +7,16 @@ Sequences are tokenised as [BOS] + prompt + response (cut at `cutoff` tokens) an
 at most `pack_tokens` tokens with no padding inside a row; position ids restart at each sequence, which makes
 transformers build a block-diagonal causal mask (and flash-attn run varlen), so no token sees another sequence.
 Only the hidden states that predict response tokens reach the output head, through the fused kernels.
+
+Each epoch visits the sequences in its own order, a permutation drawn from (seed, epoch) alone: optimiser steps mix
+every source and type of prompt, and a run resumed from a checkpoint sees exactly the order an uninterrupted one sees.
+The seed also initialises the LoRA (the checkpoint restores every random state after that).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +58,15 @@ class SFTConfig:
 
 
 def sft_train(
-    out: Path, base_path: str, sequences: list[Sequence], config: SFTConfig, tokenizer, *, show: bool, desc: str
+    out: Path,
+    base_path: str,
+    sequences: list[Sequence],
+    config: SFTConfig,
+    tokenizer,
+    *,
+    seed: int,
+    show: bool,
+    desc: str,
 ) -> Path:
     """SFT of the base model on the sequences; resumable from out/checkpoints; the model (or adapter) ends in
     out/model. Each optimiser step takes batch_sequences sequences (packed into micro-batch rows), and its loss is
@@ -66,7 +79,7 @@ def sft_train(
         return final
     steps_per_epoch = math.ceil(len(sequences) / config.batch_sequences)
     total = steps_per_epoch * config.epochs
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = load_model(base_path, device=procs.device, lora=config.lora, trainable=True).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, config.optimizer)
@@ -76,8 +89,11 @@ def sft_train(
     log = MetricsLog(out / "metrics.jsonl", resume_step=checkpoint[0] if checkpoint else None)
     autocast = lambda: torch.autocast(procs.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")  # noqa: E731
     for step in tqdm(range(done, total), desc=desc, unit="step", disable=not show, initial=done, total=total):
-        start = (step % steps_per_epoch) * config.batch_sequences
-        chunk = sequences[start : start + config.batch_sequences]
+        epoch, index = divmod(step, steps_per_epoch)
+        if step == done or index == 0:
+            order = epoch_order(len(sequences), seed, epoch)
+        start = index * config.batch_sequences
+        chunk = [sequences[k] for k in order[start : start + config.batch_sequences]]
         count = sum(len(s.ids) - s.first_target for s in chunk)
         began, loss_sum = time.perf_counter(), 0.0
         for row in pack(chunk, config.pack_tokens):
@@ -102,3 +118,10 @@ def sft_train(
             save_checkpoint(out / "checkpoints", step + 1, trainable_state(model), state)
     log.close()
     return save_pretrained_atomic(model, tokenizer, final)
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
+    """The order in which epoch `epoch` visits `count` sequences: a permutation that depends on (seed, epoch) only."""
+    order = list(range(count))
+    random.Random(f"{seed}/epoch {epoch}").shuffle(order)
+    return order

@@ -10,12 +10,14 @@ from ..data import write_jsonl, write_text
 
 
 class StageFile:
-    """A stage's progress as an append-only log (stage<k>.log.jsonl): one line per finished unit of work (its record
-    if kept, the counts it adds). Each batch is appended in one write and fsync'ed, so saving costs what the batch
-    adds, and a kill loses at most the batch being written (a torn last line is ignored). `publish` writes the
-    stage's outputs, stage<k>.jsonl and stage<k>.counts.json, atomically from the log."""
+    """A stage's progress as an append-only log (stage<k>.log.jsonl) of events: a finished unit of work, a record
+    kept, counts added. Each `save` appends the events logged since the last one as ONE line (a JSON list), in one
+    write, fsync'ed: saving costs what the batch adds, and a batch is in the log whole or not at all (a line torn by a
+    kill is ignored), so a resumed stage never sees half a unit of work. `publish` writes the stage's outputs,
+    stage<k>.jsonl and stage<k>.counts.json, atomically from the log."""
 
     def __init__(self, out: Path, stage: str):
+        self.stage = stage
         self.path, self.counts_path = out / f"stage{stage}.jsonl", out / f"stage{stage}.counts.json"
         self.log_path = out / f"stage{stage}.log.jsonl"
         self.records: list[dict] = []
@@ -25,11 +27,12 @@ class StageFile:
         lines = self.log_path.read_text(encoding="utf-8").splitlines() if self.log_path.exists() else []
         for k, line in enumerate(lines):
             try:
-                event = json.loads(line)
+                batch = json.loads(line)
             except json.JSONDecodeError:  # torn by a kill mid-append: that batch was never reported done
                 write_text(self.log_path, "".join(x + "\n" for x in lines[:k]))  # so appends follow whole lines
                 break
-            self._apply(event)
+            for event in batch if isinstance(batch, list) else [batch]:  # a dict: one event a line (older logs)
+                self._apply(event)
 
     def _apply(self, event: dict) -> None:
         if "unit" in event:
@@ -55,7 +58,7 @@ class StageFile:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.pending))
+            f.write(json.dumps(self.pending, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.pending = []

@@ -1,6 +1,18 @@
 """SELF-ALIGN's text rules: parsing what the model wrote, and the filters of each stage. Pure functions of text.
 
 Each filter returns the reason a text is dropped (a short string, counted per stage) or None to keep it.
+
+Answers (stages 2 and 4) follow the reference's post-processing (IBM/Dromedary, written anew here):
+  - an answer is complete when the model ended its turn; complete answers get the turn terminator appended;
+  - an answer the token budget cut loses its last word, which may be partial (unless the text ended in whitespace);
+  - every answer is cut at its first repeated clause, and an answer so cut is no longer complete;
+  - stage 2 requires min_chars (160) of a COMPLETE answer and keeps a cut one of any length; stage 4 the other way
+    round: it requires min_chars (128) of an answer the budget CUT and keeps a complete one of any length. Our
+    lengths count the answer without the terminator (the reference counts its 11 characters in stage 2's 160);
+  - an answer holding its instruction verbatim (an instruction of more than 16 characters) copies it and is dropped
+    (the reference's stage-2 filter from its Dromedary-2 scripts on; we apply it in stage 4 too, where a copy
+    teaches the same nothing);
+  - refusal openings ("Sorry", "I'm sorry") are dropped in both stages (the reference checks them in stage 2 only).
 """
 
 from __future__ import annotations
@@ -105,6 +117,7 @@ def principled_response(
     output: str,
     *,
     complete: bool,
+    instruction: str,
     identity: str,
     answer_marker: str,
     terminator: str,
@@ -115,16 +128,21 @@ def principled_response(
 ) -> tuple[str | None, str | None]:
     """Stage 2's post-filter on '<thoughts>{answer_marker}<answer>', already cut at the next user turn
     (complete: the model ended its turn): (response, None) or (None, reason). Keeps outputs whose thoughts start
-    with the identity sentence and that contain an answer; drops the thoughts; cuts at the first repeated clause;
-    a complete answer gets the turn terminator; requires min_chars; drops answers that restate the thoughts,
-    exemplar leaks (a shared word leak_n-gram) and refusal openings; renames the assistant."""
+    with the identity sentence and that contain an answer; drops the thoughts; finishes the answer (finish_answer);
+    applies answer_reject_reason; renames the assistant; a complete answer gets the turn terminator."""
     if not output.lstrip().startswith(identity):
         return None, "no identity sentence"
     if answer_marker not in output:
         return None, "no answer"
     answer, complete = finish_answer(output.split(answer_marker, 1)[1], complete)
     reason = answer_reject_reason(
-        answer, identity=identity, min_chars=min_chars, leak_ngrams=leak_ngrams, leak_n=leak_n
+        answer,
+        identity=identity,
+        min_chars=min_chars,
+        leak_ngrams=leak_ngrams,
+        leak_n=leak_n,
+        complete=complete,
+        instruction=instruction,
     )
     if reason is not None:
         return None, reason
@@ -132,10 +150,24 @@ def principled_response(
     return (answer + terminator if complete else answer), None
 
 
-def answer_reject_reason(answer: str, *, identity: str, min_chars: int, leak_ngrams: set, leak_n: int) -> str | None:
-    """Stage 2's checks of the answer alone (thoughts already dropped): why it is dropped, or None."""
-    if len(answer) < min_chars:
+def answer_reject_reason(
+    answer: str,
+    *,
+    identity: str,
+    min_chars: int,
+    leak_ngrams: set,
+    leak_n: int,
+    complete: bool = True,
+    instruction: str = "",
+) -> str | None:
+    """Stage 2's checks of the answer alone (thoughts dropped, answer finished): why it is dropped, or None.
+    min_chars binds complete answers only; instruction: the query, to catch an answer that copies it."""
+    if not answer:
+        return "empty"
+    if complete and len(answer) < min_chars:
         return "too short"
+    if copies_instruction(answer, instruction):
+        return "copies the instruction"
     if identity in answer or re.search(r"\bfollow rules? \d+ \(", answer):
         return "thoughts in the answer"
     if word_ngrams(answer, leak_n) & leak_ngrams:
@@ -145,10 +177,30 @@ def answer_reject_reason(answer: str, *, identity: str, min_chars: int, leak_ngr
     return None
 
 
+def verbose_reject_reason(answer: str, *, complete: bool, min_chars: int, instruction: str) -> str | None:
+    """Stage 4's checks of a finished answer: why it is dropped, or None. min_chars binds answers the budget cut."""
+    if not answer:
+        return "empty"
+    if not complete and len(answer) < min_chars:
+        return "too short"
+    if copies_instruction(answer, instruction):
+        return "copies the instruction"
+    if is_refusal_opening(answer):
+        return "refusal opening"
+    return None
+
+
 def finish_answer(text: str, complete: bool) -> tuple[str, bool]:
-    """(answer cut at its first repeated clause, still complete): a cut answer is no longer complete."""
-    answer = cut_repeated_clause(text.strip())
-    return answer, complete and answer == text.strip()
+    """(answer, still complete): an answer the budget cut loses its trailing, possibly partial, word; then it is cut
+    at its first repeated clause, and an answer so cut is no longer complete."""
+    whole = text if complete else re.sub(r"\S+\Z", "", text)
+    answer = cut_repeated_clause(whole.strip())
+    return answer, complete and answer == whole.strip()
+
+
+def copies_instruction(answer: str, instruction: str) -> bool:
+    instruction = instruction.strip()
+    return len(instruction) > 16 and instruction in answer
 
 
 def is_refusal_opening(answer: str) -> bool:

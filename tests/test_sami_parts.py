@@ -138,8 +138,11 @@ def test_config_keys_are_checked(tmp_path):
         from_mapping(SAMIConfig, {"training": {"iterations": 1}}).validate()
     path = tmp_path / "c.yaml"
     path.write_text("training:\n  iterations: 1\n  steps: [2]\n")
-    config = load_config(SAMIConfig, path, ["training.lora={r: 4}", "seed=3"])
+    config = load_config(SAMIConfig, path, ["training.lora={r: 4}", "seed=3", "training.optimizer.lr=2e-5"])
     assert config.training.lora.r == 4 and config.training.lora.alpha == 16 and config.seed == 3
+    assert config.training.optimizer.lr == 2e-5  # YAML 1.1 reads 2e-5 as a string
+    with pytest.raises(ValueError, match="training.optimizer.lr: expected float, got '2e-5x'"):
+        load_config(SAMIConfig, path, ["training.optimizer.lr=2e-5x"])
 
 
 # ---- generation ------------------------------------------------------------------------------------------------

@@ -1,17 +1,22 @@
 """Typed configs from YAML: nested dataclasses filled from a mapping, every key checked.
 
 An unknown key, a wrong type or a missing required value raises ValueError naming the dotted key
-("training.lr: expected float, got 'fast'"), so a typo never silently falls back to a default.
+("training.lr: expected float, got 'fast'"), so a typo never silently falls back to a default. A float field also
+takes a string in float notation: YAML 1.1 reads 2e-5 (no dot) as the string "2e-5".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
 
 import yaml
+
+
+FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def from_mapping(cls, raw, where: str = "", base=None):
@@ -90,6 +95,8 @@ def _convert(hint, value, where: str):
         item = args[0] if args else typing.Any
         return origin(_convert(item, v, f"{where}[{k}]") for k, v in enumerate(value))
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str) and FLOAT.fullmatch(value.strip()):
         return float(value)
     if hint is typing.Any or (isinstance(hint, type) and isinstance(value, hint) and not _bool_as_number(hint, value)):
         return value

@@ -2,7 +2,8 @@
 
 A principle set is a YAML or JSON file  {name, task, principles: [{name, principle, antithesis[, measure]}, ...]};
 built-in sets live in sami_kernels/data/constitutions: "dialogue" (helpful, harmless), "summarisation"
-(concise, comprehensive) and "pool" (ten principles for the element-wise-opposite scheme).
+(concise, comprehensive), "pool" (ten principles for the element-wise-opposite scheme) and "concise" (one
+principle with a word-count measure: the demo's).
 
 A principle may declare a judge-free measure of adherence,  measure: {metric: words | refusal, direction: lower |
 higher}: a number per response (METRICS: its word count, or 1 if it refuses (REFUSAL) else 0) and the way following
@@ -92,7 +93,7 @@ class PrincipleSet:
 
 
 def load_principle_set(source: str) -> PrincipleSet:
-    """A built-in set by name ("dialogue", "summarisation", "pool") or a YAML / JSON file path."""
+    """A built-in set by name ("dialogue", "summarisation", "pool", "concise") or a YAML / JSON file path."""
     path = BUILTIN_DIR / f"{source}.yaml" if (BUILTIN_DIR / f"{source}.yaml").exists() else Path(source)
     if not path.exists():
         builtins = sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))

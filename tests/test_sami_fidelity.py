@@ -15,7 +15,7 @@ from sami_kernels.recipes.config import from_mapping
 from sami_kernels.recipes.sami import evaluation
 from sami_kernels.recipes.sami.config import PRESETS, TEMPLATES, SAMIConfig
 from sami_kernels.recipes.sami.constitutions import Measure, load_principle_set, sample_constitutions
-from sami_kernels.recipes.sami.evaluation import adherence_gap, judge_counts, judge_outcome
+from sami_kernels.recipes.sami.evaluation import adherence_gap, judge_counts, judge_outcome, judge_prompt
 from sami_kernels.recipes.sami.loop import print_summary, run_sami
 from sami_kernels.recipes.sami.sample import keep_reason, scoring_reason
 from sami_kernels.recipes.sami.session import Session
@@ -149,6 +149,16 @@ def test_chat_mode_refuses_a_tokenizer_without_chat_template(tmp_path):
 
 
 # ---- item 9: the judge's counts, the adherence measures ---------------------------------------------------------
+def test_chat_judge_prompt_asks_in_the_chat_template(smollm2_tokenizer):
+    args = ("1. Be concise.", "How do I keep basil fresh?", " Trim the stems.", "Basil is a herb.")
+    raw, chat = judge_prompt(smollm2_tokenizer, False, *args), judge_prompt(smollm2_tokenizer, True, *args)
+    assert raw.startswith("System: ") and raw.endswith("\n\nAssistant: Response")
+    assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_end|>\n<|im_start|>assistant\nResponse")
+    for text in (raw, chat):
+        positions = [text.index(part.strip()) for part in args]
+        assert positions == sorted(positions), text  # principles, query, A, B in that order
+
+
 def plain_counts(margins):
     wins = losses = ties = flips = differing = 0
     for pair in margins:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import yaml
 
-
 FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 

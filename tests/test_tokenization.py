@@ -18,7 +18,7 @@ def tiny():
 
 
 # ---- A: per-row sampling seeds ---------------------------------------------------------------------------------
-def test_a_seeded_row_is_the_same_in_any_batch_and_under_any_global_seed(tiny):
+def test_seeded_row_is_the_same_in_any_batch_and_under_any_global_seed(tiny):
     model, tokenizer = tiny
     config = GenerationConfig(max_new_tokens=12, batch_size=2, do_sample=True, temperature=1.0, stop_strings=())
     generator = HFGenerator(model, tokenizer, config)
@@ -39,7 +39,7 @@ def test_a_seeded_row_is_the_same_in_any_batch_and_under_any_global_seed(tiny):
 
 
 # ---- B: the first-token ban after a marker ---------------------------------------------------------------------
-def test_b_ban_after_marker_hits_only_the_token_after_its_first_end():
+def test_ban_after_marker_hits_only_the_token_after_its_first_end():
     text_of = {5: "### Nova\n", 6: "x", 7: "y", 8: "### No", 9: "va\n"}
     decode = lambda ids: "".join(text_of[int(t)] for t in ids)  # noqa: E731
     ban = FirstTokenBan([3, 4], prompt_width=2, after="### Nova\n", decode=decode)
@@ -55,7 +55,7 @@ def test_b_ban_after_marker_hits_only_the_token_after_its_first_end():
     assert banned_steps == [[False, False], [False, False], [True, False], [False, True], [False, False]]
 
 
-def test_b_generation_bans_the_answer_first_token_not_the_first_generated_token(tiny):
+def test_generation_bans_the_answer_first_token_not_the_first_generated_token(tiny):
     model, tokenizer = tiny
     prefix, prompt = "System: be brief.\n\nHuman:", " hi"
     free = HFGenerator(model, tokenizer, GenerationConfig(max_new_tokens=10, stop_strings=()))
@@ -163,7 +163,7 @@ def ids_fed_to_the_model(model, monkeypatch):
 
 
 # ---- C: generation prompts tokenised at a token boundary -------------------------------------------------------
-def test_c_generation_feeds_the_model_encode_of_prefix_plus_prompt(tokenizer, monkeypatch):
+def test_generation_feeds_the_model_encode_of_prefix_plus_prompt(tokenizer, monkeypatch):
     model = tiny_llama(tokenizer)
     rows = ids_fed_to_the_model(model, monkeypatch)
     generator = HFGenerator(model, tokenizer, GenerationConfig(max_new_tokens=2, batch_size=3, stop_strings=()))
@@ -183,7 +183,7 @@ def test_c_generation_feeds_the_model_encode_of_prefix_plus_prompt(tokenizer, mo
 
 
 # ---- D: scored answers are the tail of encode(prompt + answer) -------------------------------------------------
-def test_d_scored_answer_ids_are_the_tail_of_the_joint_encoding(tokenizer):
+def test_scored_answer_ids_are_the_tail_of_the_joint_encoding(tokenizer):
     from sami_kernels.engine.packed import tokenize_pair
 
     answers = ["Sure, trim the stems.", "Rivers: Rhine.", "Sure thing", "Say hello"]
@@ -198,7 +198,7 @@ def test_d_scored_answer_ids_are_the_tail_of_the_joint_encoding(tokenizer):
         tokenize_pair(tokenizer, "### User\nhi\n\n### Bot: ", "Sure thing", cutoff=200)  # ':' '▁' vs ':' '▁Sure'
 
 
-def test_d_pair_engine_scores_each_response_in_its_context(tokenizer):
+def test_pair_engine_scores_each_response_in_its_context(tokenizer):
     from sami_kernels.engine.pairs import PairBatch
 
     constitutions = ["be kind and brief.", "be brief."]
@@ -216,7 +216,7 @@ def test_d_pair_engine_scores_each_response_in_its_context(tokenizer):
         PairBatch.from_texts(tokenizer, ["hi"], constitutions, [["Sure", "Sure"]], template="{constitution} {query} ")
 
 
-def test_d_pair_engine_refuses_tails_that_differ_between_constitutions_unless_joint():
+def test_pair_engine_refuses_tails_that_differ_between_constitutions_unless_joint():
     from sami_kernels.engine.pairs import PairBatch
 
     tokenizer = sentencepiece_style_tokenizer()  # "▁" is prepended to the text's start only

@@ -20,6 +20,7 @@ from sami_kernels.recipes.sami.loop import print_summary, run_sami
 from sami_kernels.recipes.sami.sample import keep_reason, scoring_reason
 from sami_kernels.recipes.sami.session import Session
 from sami_kernels.recipes.sami.train import optimizer_step
+from sami_kernels.recipes.training import Trainable
 
 
 def session_config(tmp_path, **top) -> SAMIConfig:
@@ -58,11 +59,11 @@ def test_every_training_prompt_shuffles_its_own_order(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluation, "PairBatch", Capture)
     model = run.load(None, trainable=True).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.0)
+    trainable = Trainable(model, master_weights=True)
+    optimizer = torch.optim.SGD(trainable.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     for _ in range(2):
-        optimizer_step(run, PairScorer(model), params, optimizer, scheduler, records, 0, 0)
+        optimizer_step(run, PairScorer(model), trainable, optimizer, scheduler, records, 0, 0)
     first, second = seen[: len(seen) // 2], seen[len(seen) // 2 :]
     assert first == second  # reproducible: a resumed step shuffles the same way
     name_of = {text: p.name for p in pool.principles for text in (p.principle, p.antithesis)}

@@ -20,6 +20,7 @@ from sami_kernels.recipes.sami.evaluation import judge_margins, record_batch
 from sami_kernels.recipes.sami.sample import keep_reason
 from sami_kernels.recipes.sami.session import Session
 from sami_kernels.recipes.sami.train import optimizer_step, prompt_rng, query_at
+from sami_kernels.recipes.training import Trainable
 
 
 @pytest.fixture(scope="module")
@@ -239,10 +240,11 @@ def test_accumulated_gradient_is_the_mean_loss_gradient(micro, tmp_path):
         def step(self, closure=None):
             captured.update({id(p): p.grad.clone() for p in params})
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = Trainable(model, master_weights=True)
+    params = trainable.parameters()
     optimizer = Capture(params, lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    optimizer_step(run, PairScorer(model), params, optimizer, scheduler, records, 0, 0)
+    optimizer_step(run, PairScorer(model), trainable, optimizer, scheduler, records, 0, 0)
 
     chosen = [records[query_at(0, 0, p, len(records))] for p in range(4)]
     batch = record_batch(

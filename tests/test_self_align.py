@@ -23,7 +23,6 @@ from sami_kernels.recipes.self_align.config import IDENTITY, TERMINATOR, SelfAli
 from sami_kernels.recipes.self_align.evaluation import hhh_accuracy, load_items
 from sami_kernels.recipes.self_align.loop import run_self_align
 from sami_kernels.recipes.self_align.session import Session
-from sami_kernels.recipes.self_align.stage_file import StageFile
 from sami_kernels.recipes.self_align.text import (
     NearDuplicates,
     answer_reject_reason,
@@ -36,6 +35,7 @@ from sami_kernels.recipes.self_align.text import (
     verbose_reject_reason,
     word_ngrams,
 )
+from sami_kernels.recipes.stage_file import StageFile
 
 ROOT = Path(__file__).resolve().parents[1]
 

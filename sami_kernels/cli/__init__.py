@@ -18,6 +18,13 @@ def main(argv: list[str] | None = None) -> None:
     align.add_argument("--config", required=True, help="YAML config, e.g. examples/configs/self_align_demo.yaml")
     align.add_argument("--stage", default="all", choices=["all", "1", "2", "3", "4", "eval"])
     align.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    plan = commands.add_parser("plan", help="per-rank GPU memory of a SAMI / SELF-ALIGN config (DDP vs FSDP2, ...)")
+    plan.add_argument("--config", required=True, help="a SAMI or SELF-ALIGN YAML config")
+    plan.add_argument("--world-size", type=int, default=1, help="processes (GPUs) the run shards over")
+    plan.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB (80 for an 80 GB card)")
+    plan.add_argument("--prompt-tokens", type=int, help="SAMI prompt length P (default 512)")
+    plan.add_argument("--response-tokens", type=int, help="SAMI response length R (default generation.max_new_tokens)")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as run_demo
@@ -32,7 +39,20 @@ def main(argv: list[str] | None = None) -> None:
         from ..recipes.config import load_config
 
         try:  # a bad config or input, or a refused checkpoint: said plainly, without a traceback
-            if args.command == "sami":
+            if args.command == "plan":
+                from ..recipes.plan import run_plan
+
+                print(
+                    run_plan(
+                        args.config,
+                        args.set,
+                        world_size=args.world_size,
+                        gpu_memory_gb=args.gpu_memory_gb,
+                        prompt_tokens=args.prompt_tokens,
+                        response_tokens=args.response_tokens,
+                    )
+                )
+            elif args.command == "sami":
                 from ..recipes.sami.config import SAMIConfig
                 from ..recipes.sami.loop import print_summary, run_sami
 

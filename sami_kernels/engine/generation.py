@@ -7,31 +7,52 @@ text encoded as one string, BOS once), never the prefix and the prompt encoded a
 into ':', 'Ġ', 'How' where the text has ':', 'ĠHow'). The shared part is the longest token prefix common to
 encode(prefix) and every row, capped so each row keeps >= 1 uncached token: the KV cache of encode(prefix) is computed
 ONCE for one row, kept while later calls pass the same prefix (the model must not change meanwhile), cut to the
-shared part and repeated for every batch. Each row is laid out [shared | padding | rest of the row] with the padding
-masked and positions counted over real tokens only, so every row equals its unpadded generation.
+shared part and handed to every batch as a view: every row's cache is the one stored tensor expanded over the batch
+(stride 0), never a per-row copy. Transformers' DynamicCache grows by torch.cat at every forward step, so the first
+step of a batch writes a new [rows, heads, positions, head dim] tensor (the cat reads the expanded view as it reads any
+tensor); what the view saves is the per-row copy of the prefix made before that step and the copy of the stored cache
+per batch. Each row is laid out [shared | padding | rest of the row] with the padding masked and positions counted
+over real tokens only, so every row equals its unpadded generation.
 
 Greedy by default. Sampling (config.do_sample) is done by the last logits processor, SeededSampling: temperature,
 then top-p, then one draw per row; with seeds=[s_k] row k draws from its own torch.Generator seeded with s_k, so an
 item's text depends neither on the batch it lands in nor on the global RNG (without seeds: the global RNG).
 first_token_bans bar their words' first tokens from the first generated token, or, with bans_after set, from the
 token generated right after the generated text first ends with bans_after. A vLLM (or any other) engine plugs in by
-implementing `generate` with the same contract.
+implementing `generate` and `generate_with_status` with the same contract (vllm_engine.py).
+
+ShardedGenerator runs any engine over the ranks of a torch.distributed job, resumably:
+    generate_many([(prefix_r, prompts_r, seeds_r)]) -> per request, [(continuation, finished)] per prompt
+The rows of every request are cut into batches of batch_size in a fixed order (the request's prompts by length, then
+by position), independent of the number of ranks; the k-th batch not yet logged goes to rank k mod world, each
+round's results are all-gathered, so every rank returns every row in its request order. With a journal (an
+append-only log, e.g. recipes' StageFile: `records`, `log(event)`, `save()`, used on rank 0 only) each finished batch
+is appended as one durable line keyed by a hash of (prefix, prompts, seeds), and batches already logged are not
+generated again: a killed phase re-run returns what an uninterrupted one returns, as long as a row's text depends
+only on its own prompt and seed (HFGenerator: per-row seeds; greedy rows are generated in the same batches anyway).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 
 from .tokens import common_prefix_length, encode, tail_after
 
 
 class Generator(Protocol):
     def generate(self, prefix: str, prompts: Sequence[str], *, seeds: Sequence[int] | None = None) -> list[str]: ...
+
+    def generate_with_status(
+        self, prefix: str, prompts: Sequence[str], *, seeds: Sequence[int] | None = None
+    ) -> list[tuple[str, bool]]: ...
 
 
 @dataclass
@@ -143,6 +164,14 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:end]
 
 
+def finished_text(tokenizer, new_ids: list[int], stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """(the decoded new tokens cut at the first stop string, finished): finished when a stop string or EOS ended the
+    row, False when the token budget did."""
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    cut = cut_at_stop(text, stop_strings)
+    return cut, cut != text or (tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new_ids)
+
+
 class HFGenerator:
     def __init__(self, model, tokenizer, config: GenerationConfig, *, progress: Callable[[int], None] | None = None):
         if config.max_new_tokens < 1 or config.batch_size < 1:
@@ -198,10 +227,13 @@ class HFGenerator:
             cache = self.model(torch.tensor([prefix_ids], device=device), use_cache=True).past_key_values
             self._prefix = (prefix_ids, cache)
             self.prefix_encodings += 1
-        cache = copy.deepcopy(self._prefix[1])
+        cache = copy.copy(self._prefix[1])  # new cache and layer objects over the stored tensors (no tensor copied)
+        cache.layers = [copy.copy(layer) for layer in cache.layers]
         if len(prefix_ids) > shared:
-            cache.crop(shared - len(prefix_ids))  # a negative count: drop that many trailing positions
-        cache.batch_repeat_interleave(rows)
+            cache.crop(shared - len(prefix_ids))  # a negative count: drop that many trailing positions (a view)
+        for layer in cache.layers:  # every row reads the one stored prefix: a stride-0 batch dimension
+            layer.keys = layer.keys.expand(rows, -1, -1, -1)
+            layer.values = layer.values.expand(rows, -1, -1, -1)
         return cache
 
     def generate(self, prefix: str, prompts: Sequence[str], *, seeds: Sequence[int] | None = None) -> list[str]:
@@ -258,10 +290,117 @@ class HFGenerator:
             logits_processor=self._processors(ids.shape[1], seeds),
             do_sample=False,  # sampling, when configured, is the last logits processor's draw
         )
-        results, eos = [], self.tokenizer.eos_token_id
-        for r in range(len(rows)):
-            new = out[r, ids.shape[1] :]
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            cut = cut_at_stop(text, c.stop_strings)
-            results.append((cut, cut != text or (eos is not None and bool((new == eos).any()))))
-        return results
+        return [finished_text(self.tokenizer, new.tolist(), c.stop_strings) for new in out[:, ids.shape[1] :]]
+
+
+Request = tuple[str, Sequence[str], Sequence[int] | None]  # (prefix, prompts, seeds or None)
+
+
+class ShardedGenerator:
+    """An engine's generate calls split across the ranks of a process group and logged batch by batch (module doc)."""
+
+    def __init__(self, engine: Generator, batch_size: int, *, journal=None, progress: Callable | None = None):
+        if batch_size < 1:
+            raise ValueError(f"generation.batch_size must be >= 1, got {batch_size}")
+        self.engine, self.batch_size, self.journal, self.progress = engine, batch_size, journal, progress
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
+
+    def generate(self, prefix: str, prompts: Sequence[str], *, seeds: Sequence[int] | None = None) -> list[str]:
+        return [text for text, _ in self.generate_with_status(prefix, prompts, seeds=seeds)]
+
+    def generate_with_status(
+        self, prefix: str, prompts: Sequence[str], *, seeds: Sequence[int] | None = None
+    ) -> list[tuple[str, bool]]:
+        return self.generate_many([(prefix, prompts, seeds)])[0]
+
+    def generate_many(self, requests: Sequence[Request]) -> list[list[tuple[str, bool]]]:
+        """Every request's rows, generated by the ranks in turn (or read from the journal); called by every rank."""
+        for _, prompts, seeds in requests:
+            if seeds is not None and len(seeds) != len(prompts):
+                raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
+        batches = self._batches(requests)
+        keys = [batch_key(requests[r][0], *self._rows(requests[r], rows)) for r, rows in batches]
+        done = self._broadcast(self._logged(set(keys)))
+        outputs = [[("", False)] * len(prompts) for _, prompts, _ in requests]
+        pending = []
+        for b, key in enumerate(keys):
+            if key in done:
+                self._place(outputs, batches[b], done[key])
+                self._advance(len(batches[b][1]))
+            else:
+                pending.append(b)
+        for start in range(0, len(pending), self.world):
+            turn = pending[start : start + self.world]
+            mine = turn[self.rank] if self.rank < len(turn) else None
+            result = None if mine is None else self._generate(requests, batches[mine])
+            for b, batch_outputs in zip(turn, self._all_gather(result)[: len(turn)], strict=True):
+                self._place(outputs, batches[b], batch_outputs)
+                self._record(keys[b], batch_outputs)
+            self._advance(sum(len(batches[b][1]) for b in turn))
+        return outputs
+
+    def close(self) -> None:
+        """Release the engine's resources when it holds any (VLLMGenerator's GPU engine)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+
+    def _advance(self, rows: int) -> None:
+        if self.progress is not None:
+            self.progress(rows)
+
+    def _batches(self, requests: Sequence[Request]) -> list[tuple[int, list[int]]]:
+        """(request, its row indices) per batch: each request's rows by prompt length (similar lengths share a batch),
+        cut every batch_size rows."""
+        batches = []
+        for r, (_, prompts, _) in enumerate(requests):
+            order = sorted(range(len(prompts)), key=lambda k, prompts=prompts: len(prompts[k]))
+            batches += [(r, order[s : s + self.batch_size]) for s in range(0, len(order), self.batch_size)]
+        return batches
+
+    @staticmethod
+    def _rows(request: Request, rows: list[int]) -> tuple[list[str], list[int] | None]:
+        _, prompts, seeds = request
+        return [prompts[k] for k in rows], None if seeds is None else [seeds[k] for k in rows]
+
+    def _generate(self, requests: Sequence[Request], batch: tuple[int, list[int]]) -> list[tuple[str, bool]]:
+        prompts, seeds = self._rows(requests[batch[0]], batch[1])
+        return self.engine.generate_with_status(requests[batch[0]][0], prompts, seeds=seeds)
+
+    @staticmethod
+    def _place(outputs, batch: tuple[int, list[int]], batch_outputs) -> None:
+        for k, (text, finished) in zip(batch[1], batch_outputs, strict=True):
+            outputs[batch[0]][k] = (text, finished)
+
+    def _logged(self, keys: set[str]) -> dict[str, list]:
+        """The journal's outputs of these batch keys (rank 0; the others get them by broadcast)."""
+        if self.journal is None or self.rank != 0:
+            return {}
+        return {r["batch"]: r["outputs"] for r in self.journal.records if r["batch"] in keys}
+
+    def _record(self, key: str, batch_outputs) -> None:
+        """One finished batch appended to the journal as one durable line (rank 0)."""
+        if self.journal is not None and self.rank == 0:
+            self.journal.log({"unit": key, "record": {"batch": key, "outputs": [list(x) for x in batch_outputs]}})
+            self.journal.save()
+
+    def _broadcast(self, value):
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _all_gather(self, value) -> list:
+        if self.world == 1:
+            return [value]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+
+def batch_key(prefix: str, prompts: Sequence[str], seeds: Sequence[int] | None) -> str:
+    """A batch's identity in a journal: a hash of its prefix, prompts and seeds."""
+    text = json.dumps([prefix, list(prompts), None if seeds is None else list(seeds)], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]

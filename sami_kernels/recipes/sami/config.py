@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ...engine.generation import GenerationConfig
+from ..data import QuerySource
 from ..training import LoRAConfig, OptimizerConfig
 
 
@@ -112,11 +113,7 @@ class ConstitutionsSection:
 
 
 @dataclass
-class DataSection:
-    source: str = "builtin:dialogue"
-    field: str = "query"
-    split: str = "train"
-    data_files: str | None = None
+class DataSection(QuerySource):  # source, field, split, data_files, config, extractor, dedup_key (recipes/data.py)
     heldout_queries: int = 8
     train_queries: int | None = None  # None: every query not held out
 
@@ -125,6 +122,7 @@ class DataSection:
 class GenerationSection(GenerationConfig):  # max_new_tokens, batch_size, do_sample, temperature, top_p, stop_strings
     template: str | None = None  # None: the preset of the constitution set's task
     filters: bool = True
+    engine: Literal["hf", "vllm"] = "hf"  # hf: HFGenerator; vllm: engine/vllm_engine.py (needs the vllm package)
 
 
 @dataclass
@@ -139,9 +137,14 @@ class TrainingSection:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lora: LoRAConfig | None = None  # None: full fine-tune
     attn: Literal["auto", "cache", "tree"] = "auto"
-    checkpoint_every: int = 1
+    checkpoint_every: int = 1  # a SAMI step is long (B queries x N^2 responses) and an iteration has few of them
     keep_checkpoints: int = 1
+    checkpoint_hash: Literal["all", "small", "none"] = "small"  # SHA-256 of checkpoint files (checkpoint.py)
     eval_every: int = 1
+    master_weights: bool = True  # with model_dtype bfloat16: the optimiser steps fp32 copies (training.py)
+    gradient_checkpointing: bool = False
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun (training.py)
+    timeout_minutes: int = 120  # of every collective (a process waiting for the others gives up after it)
 
 
 @dataclass
@@ -157,7 +160,8 @@ class SAMIConfig:
     prompt_format: Literal["raw", "chat"] = "raw"  # chat: the tokenizer's chat template, constitution as system
     output_dir: str = "runs/sami"
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast over fp32 weights
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast (over the weights in model_dtype)
+    model_dtype: Literal["float32", "bfloat16"] = "float32"  # the dtype the weights are loaded in
     progress: bool = True
     tensorboard: bool = False
     constitutions: ConstitutionsSection = field(default_factory=ConstitutionsSection)
@@ -176,6 +180,7 @@ class SAMIConfig:
             "training.micro_batch_queries": t.micro_batch_queries,
             "training.checkpoint_every": t.checkpoint_every,
             "training.keep_checkpoints": t.keep_checkpoints,
+            "training.timeout_minutes": t.timeout_minutes,
             "data.heldout_queries": self.data.heldout_queries,
             "constitutions.n": self.constitutions.n - 1,
         }

@@ -32,13 +32,15 @@ import math
 from collections import Counter
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ...engine.generation import shared_prefix_prompts
 from ...engine.head import decoder_and_head
 from ...engine.models import resolve_model_path
-from ...engine.pairs import PairBatch, sami_step_loss
+from ...engine.pairs import PairBatch, PairScorer
 from ...engine.tokens import encode
+from ...kernels.ops.infonce import infonce_loss
 from ..data import write_jsonl
 from .constitutions import Measure, PrincipleSet
 
@@ -77,18 +79,23 @@ def record_batch(tokenizer, records, principles: PrincipleSet, template: str, *,
 
 
 @torch.no_grad()
-def heldout_mi(model, tokenizer, records, principles: PrincipleSet, template: str, *, batch_queries: int) -> float:
-    """MI lower bound log N - mean_b L_b over the records (eval mode, no gradients)."""
-    was_training = model.training
-    model.eval()
+def heldout_mi(scorer, tokenizer, records, principles: PrincipleSet, template: str, *, batch_queries: int, procs):
+    """MI lower bound log N - mean_b L_b over the records, M from scorer(batch) (a PairScorer, or one DDP / FSDP
+    wraps; eval mode, no gradients). Each process scores every world-th record in batches and the losses are
+    summed over processes; every process runs as many batches as the busiest one (an idle one scores a record it
+    discards), because the forward of a sharded model is a collective."""
+    was_training = scorer.training
+    scorer.eval()
+    share = records[procs.rank :: procs.world]
+    rounds = math.ceil(math.ceil(len(records) / procs.world) / batch_queries)
     total = 0.0
-    for start in range(0, len(records), batch_queries):
-        chunk = records[start : start + batch_queries]
-        loss, _ = sami_step_loss(model, record_batch(tokenizer, chunk, principles, template))
-        total += loss.item() * len(chunk)
-    model.train(was_training)
+    for r in range(rounds):
+        chunk = share[r * batch_queries : (r + 1) * batch_queries]
+        M = scorer(record_batch(tokenizer, chunk or records[:1], principles, template))
+        total += infonce_loss(M.float()).item() * len(chunk)
+    scorer.train(was_training)
     n = len(records[0]["constitutions"])
-    return math.log(n) - total / len(records)
+    return math.log(n) - procs.sum(total) / len(records)
 
 
 @torch.no_grad()
@@ -145,64 +152,83 @@ def judge_counts(outcomes: list[str]) -> dict:
     }
 
 
-def log_heldout_mi(session, model, *, step: int, iteration: int, records) -> None:
-    """Held-out MI of `model` (None: the base model), computed and logged by the main process."""
-
-    def work():
-        scored = model if model is not None else session.load(None, trainable=False)
-        with session.autocast():
-            mi = heldout_mi(
-                scored,
-                session.tokenizer,
-                records,
-                session.principles,
-                session.training_template,
-                batch_queries=session.config.training.micro_batch_queries,
-            )
-        session.log.log({"kind": "heldout", "iteration": iteration, "step": step, "mi": mi})
-
-    session.main_only(work)
+def log_heldout_mi(session, scorer, *, step: int, iteration: int, records) -> None:
+    """Held-out MI of the model `scorer` scores (None: the base model), computed by every process on its share of
+    the records and logged by the main process."""
+    if scorer is None:
+        scorer = PairScorer(session.load(None, trainable=False))
+    with session.autocast():
+        mi = heldout_mi(
+            scorer,
+            session.tokenizer,
+            records,
+            session.principles,
+            session.training_template,
+            batch_queries=session.config.training.micro_batch_queries,
+            procs=session.procs,
+        )
+    session.log.log({"kind": "heldout", "iteration": iteration, "step": step, "mi": mi})
 
 
 def evaluate_against_base(session, heldout, trained_dir) -> dict:
     """The judge's counts (evaluation.judge_queries) and the adherence measures (evaluation.adherence_queries) of the
     trained model vs the base model on the first held-out queries: summary entries; rows to judge.jsonl /
-    adherence.jsonl."""
+    adherence.jsonl. Called by every process: generation and judging are split across them; the main process writes
+    the files."""
     e, principles = session.config.evaluation, session.principles
     queries = [r["query"] for r in heldout]
-    models = {"base": session.load(None, trainable=False), "trained": session.load(trained_dir, trainable=False)}
-    following = greedy_responses(
-        session, models, principles.positive(), queries[: max(e.judge_queries, e.adherence_queries)]
-    )
+    measured = [p for p in principles.principles if p.measure is not None] if e.adherence_queries else []
+    asked = {
+        "follow": (principles.positive(), queries[: max(e.judge_queries, e.adherence_queries)]),
+        **{p.name: (principles.flipped(p.name), queries[: e.adherence_queries]) for p in measured},
+    }
+    responses = greedy_responses(session, {"base": None, "trained": trained_dir}, asked)
+    following = {name: r["follow"] for name, r in responses.items()}
     summary = {}
     if e.judge_queries:
         judged = queries[: e.judge_queries]
-        summary.update(judge_against_base(session, models, judged, {k: v[: len(judged)] for k, v in following.items()}))
+        summary.update(judge_against_base(session, judged, {k: v[: len(judged)] for k, v in following.items()}))
     if e.adherence_queries:
-        measured = queries[: e.adherence_queries]
-        following = {k: v[: len(measured)] for k, v in following.items()}
-        summary["adherence"] = adherence(session, models, measured, following)
+        summary["adherence"] = adherence(session, measured, queries[: e.adherence_queries], responses)
         summary["adherence_responses"] = str(session.out / "adherence.jsonl")
     return summary
 
 
-def greedy_responses(session, models: dict, constitution, queries: list[str]) -> dict[str, list[str]]:
-    """Each model's greedy responses to the queries under the constitution (written order), by model name."""
+def greedy_responses(session, model_dirs: dict, asked: dict) -> dict[str, dict[str, list[str]]]:
+    """Greedy responses by model name (model_dirs: name -> saved model, None for the base model), then by key of
+    `asked` (key -> (constitution in its written order, queries)). One model at a time, its rows split across the
+    processes and logged as stage-eval-<name>."""
     greedy = dataclasses.replace(session.config.generation, do_sample=False)
-    prompts = shared_prefix_prompts(
-        session.generation_template, queries, constitution=session.principles.render(constitution)
-    )
-    return {
-        name: [x.rstrip() for x in session.generator(model, greedy).generate(*prompts)]
-        for name, model in models.items()
-    }
+    requests = [
+        (*shared_prefix_prompts(session.generation_template, queries, constitution=session.principles.render(c)), None)
+        for c, queries in asked.values()
+    ]
+    responses = {}
+    for name, model_dir in model_dirs.items():
+        generator = session.generator(model_dir, greedy, log=f"eval-{name}")
+        outputs = generator.generate_many(requests)
+        generator.close()
+        responses[name] = {key: [text.rstrip() for text, _ in rows] for key, rows in zip(asked, outputs, strict=True)}
+    return responses
 
 
-def load_judge(session, models: dict):
-    """(judge model, its tokenizer): evaluation.judge names one of `models` or a causal LM to load."""
+def across_processes(procs, items: list, work) -> list:
+    """[work(x) for x in items], item k computed by process k mod world, the results gathered on every process."""
+    mine = [work(x) for x in items[procs.rank :: procs.world]]
+    if procs.world == 1:
+        return mine
+    gathered = [None] * procs.world
+    dist.all_gather_object(gathered, mine)
+    return [gathered[k % procs.world][k // procs.world] for k in range(len(items))]
+
+
+def load_judge(session):
+    """(judge model, its tokenizer): evaluation.judge is "base", "trained" (the last iteration's model) or a causal
+    LM to load."""
     spec = session.config.evaluation.judge
-    if spec in models:
-        return models[spec], session.tokenizer
+    if spec in ("base", "trained"):
+        trained = session.iteration_dir(session.config.training.iterations - 1)
+        return session.load(None if spec == "base" else trained, trainable=False), session.tokenizer
     from transformers import AutoTokenizer
 
     path = resolve_model_path(spec)
@@ -214,19 +240,28 @@ def load_judge(session, models: dict):
         ) from None
 
 
-def judge_against_base(session, models: dict, queries: list[str], responses: dict[str, list[str]]) -> dict:
-    """The judge's counts over the queries (module docstring); per-order margins and outcomes to judge.jsonl."""
-    judge, tokenizer = load_judge(session, models)
+def judge_against_base(session, queries: list[str], responses: dict[str, list[str]]) -> dict:
+    """The judge's counts over the queries (module docstring), the queries judged across the processes; per-order
+    margins and outcomes to judge.jsonl (main process)."""
+    judge, tokenizer = load_judge(session)
     chat = session.config.prompt_format == "chat" and getattr(tokenizer, "chat_template", None) is not None
     constitution = session.principles.render(session.principles.positive())
-    rows = []
-    for q, query in enumerate(tqdm(queries, desc="judging", disable=not session.show)):
+
+    procs = session.procs
+    bar = tqdm(total=len(range(procs.rank, len(queries), procs.world)), desc="judging", disable=not session.show)
+
+    def judged(q: int) -> dict:
+        bar.update()
         trained, base = responses["trained"][q], responses["base"][q]
-        margins = judge_margins(judge, tokenizer, constitution, query, trained, base, chat=chat)
+        margins = judge_margins(judge, tokenizer, constitution, queries[q], trained, base, chat=chat)
         trained_a, trained_b = margins if margins is not None else (None, None)
-        row = {"query": query, "trained": trained, "base": base, "margin_trained_a": trained_a}
-        rows.append({**row, "margin_trained_b": trained_b, "outcome": judge_outcome(margins)})
-    write_jsonl(session.out / "judge.jsonl", rows)
+        row = {"query": queries[q], "trained": trained, "base": base, "margin_trained_a": trained_a}
+        return {**row, "margin_trained_b": trained_b, "outcome": judge_outcome(margins)}
+
+    rows = across_processes(procs, list(range(len(queries))), judged)
+    bar.close()
+    if procs.is_main:
+        write_jsonl(session.out / "judge.jsonl", rows)
     return {**judge_counts([r["outcome"] for r in rows]), "judge": str(session.out / "judge.jsonl")}
 
 
@@ -235,22 +270,23 @@ def adherence_gap(measure: Measure, follow: float, flip: float) -> float:
     return flip - follow if measure.direction == "lower" else follow - flip
 
 
-def adherence(session, models: dict, queries: list[str], following: dict[str, list[str]]) -> dict:
-    """Per measured principle and model: the measure under follow / flip and the signed gap (module docstring)."""
-    principles, result, rows = session.principles, {}, []
-    for principle in (p for p in principles.principles if p.measure is not None):
-        flipped = greedy_responses(session, models, principles.flipped(principle.name), queries)
+def adherence(session, measured: list, queries: list[str], responses: dict[str, dict[str, list[str]]]) -> dict:
+    """Per measured principle and model: the measure under follow / flip and the signed gap (module docstring), from
+    responses[model]["follow"] and responses[model][principle]; every response to adherence.jsonl (main process)."""
+    result, rows, n = {}, [], len(queries)
+    for principle in measured:
         m = principle.measure
         result[principle.name] = {"metric": m.metric, "direction": m.direction}
-        for name in models:
-            follow, flip = m.mean(following[name]), m.mean(flipped[name])
+        for name, by_key in responses.items():
+            follow, flip = m.mean(by_key["follow"][:n]), m.mean(by_key[principle.name])
             result[principle.name][name] = {"follow": follow, "flip": flip, "gap": adherence_gap(m, follow, flip)}
         for q, query in enumerate(queries):
-            responses = {
-                f"{name}_{kind}": r[name][q]
-                for kind, r in (("follow", following), ("flip", flipped))
-                for name in models
+            shown = {
+                f"{name}_{kind}": by_key[key][q]
+                for kind, key in (("follow", "follow"), ("flip", principle.name))
+                for name, by_key in responses.items()
             }
-            rows.append({"principle": principle.name, "query": query, **responses})
-    write_jsonl(session.out / "adherence.jsonl", rows)
+            rows.append({"principle": principle.name, "query": query, **shown})
+    if session.procs.is_main:
+        write_jsonl(session.out / "adherence.jsonl", rows)
     return result

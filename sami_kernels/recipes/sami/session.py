@@ -10,12 +10,13 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ...engine.generation import HFGenerator
+from ...engine.generation import HFGenerator, ShardedGenerator
 from ...engine.models import resolve_model_path
 from ..config import to_mapping
 from ..data import read_jsonl, write_jsonl, write_text
 from ..metrics import MetricsLog
-from ..training import Processes, is_adapter_dir, load_model
+from ..stage_file import StageFile
+from ..training import Processes, is_adapter_dir, load_model, model_dtype
 from .config import PRESETS, SAMIConfig, prompt_templates
 from .constitutions import PrincipleSet, load_principle_set
 
@@ -26,7 +27,7 @@ class Session:
         config.validate()
         self.config = c = config
         self.make_generator = make_generator
-        self.procs = Processes()
+        self.procs = Processes(c.training.timeout_minutes)
         self.out = Path(c.output_dir)
         self.principles: PrincipleSet = load_principle_set(c.constitutions.set)
         self.task = self.principles.task if self.principles.task in PRESETS else "dialogue"
@@ -106,15 +107,36 @@ class Session:
         return self.out / f"iter-{t}" / "model"
 
     def load(self, trained_dir: Path | None, *, trainable: bool, fresh_lora: bool = False):
-        """Base model, base + a saved adapter, or a saved full model; fresh_lora adds a new LoRA adapter."""
-        device, lora = self.procs.device, self.config.training.lora
+        """Base model, base + a saved adapter, or a saved full model, in model_dtype; fresh_lora adds a new LoRA
+        adapter; a trainable one checkpoints its activations when training.gradient_checkpointing says so."""
+        tc = self.config.training
+        options = {
+            "device": self.procs.device,
+            "trainable": trainable,
+            "dtype": model_dtype(self.config.model_dtype),
+            "gradient_checkpointing": trainable and tc.gradient_checkpointing,
+        }
         if trained_dir is not None and is_adapter_dir(trained_dir):
-            return load_model(self.base_path, device=device, lora=None, adapter=trained_dir, trainable=trainable)
+            return load_model(self.base_path, lora=None, adapter=trained_dir, **options)
         path = trained_dir if trained_dir is not None else self.base_path
-        return load_model(path, device=device, lora=lora if fresh_lora else None, trainable=trainable)
+        return load_model(path, lora=tc.lora if fresh_lora else None, **options)
 
-    def generator(self, model, generation, progress=None):
-        return self.make_generator(model, self.tokenizer, generation, progress=progress)
+    def generator(self, model_dir: Path | None, generation, progress=None, *, log: str | None = None, model=None):
+        """Every process's share of the generation of the model saved in model_dir (None: the base model; `model`:
+        that model already loaded, for the hf engine) on generation.engine, as a ShardedGenerator (generation.py):
+        with `log`, each finished batch is appended to output_dir/stage-<log>.log.jsonl by the main process and a
+        re-run skips the batches logged there (recipes/stage_file.py)."""
+        if generation.engine == "vllm":
+            from ...engine.vllm_engine import VLLMGenerator
+
+            adapter = model_dir if model_dir is not None and is_adapter_dir(model_dir) else None
+            path = model_dir if model_dir is not None and adapter is None else self.base_path
+            engine = VLLMGenerator(path, self.tokenizer, generation, adapter=adapter, dtype=self.config.model_dtype)
+        else:
+            loaded = model if model is not None else self.load(model_dir, trainable=False)
+            engine = self.make_generator(loaded, self.tokenizer, generation)
+        journal = StageFile(self.out, f"-{log}") if log is not None and self.procs.is_main else None
+        return ShardedGenerator(engine, generation.batch_size, journal=journal, progress=progress)
 
     def autocast(self):
         enabled = self.config.precision == "bf16"

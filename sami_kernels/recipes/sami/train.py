@@ -2,11 +2,11 @@
 
     L = mean_b InfoNCE(M_b),   M_b[i, j] = mean log p(y_j | training_prompt(shuffle(c_i), x_b))
 
-each step over B queries (this process's B / world of them, in micro-batches), checkpointed and resumable."""
+each step over B queries (this process's B / world of them, in micro-batches), checkpointed and resumable. Under
+torchrun the pair engine is trained as training.distributed says (training.py: ddp or fsdp)."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import random
@@ -17,15 +17,16 @@ from tqdm.auto import tqdm
 
 from ...engine.pairs import PairScorer
 from ...kernels.ops.infonce import infonce_loss
-from ..checkpoint import save_checkpoint
 from ..training import (
+    Trainable,
+    accumulating,
     apply_update,
     build_optimizer,
     build_scheduler,
+    distribute,
     restore_training_state,
     save_pretrained_atomic,
-    trainable_state,
-    training_state,
+    save_training_checkpoint,
 )
 from .evaluation import log_heldout_mi, record_batch
 from .session import Session
@@ -40,34 +41,38 @@ def train_iteration(session: Session, t: int, records, heldout, previous, first_
     else:
         model = session.load(previous, trainable=True)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, tc.optimizer)
+    scorer = distribute(PairScorer(model, attn=tc.attn), model, procs, tc.distributed)
+    trainable = Trainable(model, master_weights=tc.master_weights)
+    optimizer = build_optimizer(trainable.parameters(), tc.optimizer)
     scheduler = build_scheduler(optimizer, tc.optimizer, tc.steps[t])
-    done = restore_training_state(resume, model, optimizer, scheduler)["step"] if resume else 0
-    scorer = PairScorer(model, attn=tc.attn)
-    if procs.world > 1:
-        scorer = torch.nn.parallel.DistributedDataParallel(scorer)
+    done = restore_training_state(resume, trainable, optimizer, scheduler)["step"] if resume else 0
     steps = range(done, tc.steps[t])
     desc = f"iteration {t}: training"
     for k in tqdm(steps, desc=desc, unit="step", disable=not session.show, initial=done, total=tc.steps[t]):
         step = first_step + k + 1
-        metrics = optimizer_step(session, scorer, params, optimizer, scheduler, records, t, k)
+        metrics = optimizer_step(session, scorer, trainable, optimizer, scheduler, records, t, k)
         session.log.log({"kind": "train", "iteration": t, "step": step, **metrics})
         if tc.eval_every and (k + 1) % tc.eval_every == 0:
-            log_heldout_mi(session, model, step=step, iteration=t, records=heldout)
+            log_heldout_mi(session, scorer, step=step, iteration=t, records=heldout)
         if (k + 1) % tc.checkpoint_every == 0 or k + 1 == tc.steps[t]:
-            state = training_state(optimizer, scheduler, iteration=t, step=k + 1)
-            session.main_only(
-                lambda step=step, state=state: save_checkpoint(
-                    session.out / "checkpoints", step, trainable_state(model), state, keep_last=tc.keep_checkpoints
-                )
+            save_training_checkpoint(
+                session.out / "checkpoints",
+                step,
+                trainable,
+                optimizer,
+                scheduler,
+                procs,
+                keep_last=tc.keep_checkpoints,
+                hashing=tc.checkpoint_hash,
+                counters={"iteration": t, "step": k + 1},
             )
-    session.main_only(lambda: save_pretrained_atomic(model, session.tokenizer, session.iteration_dir(t)))
+    save_pretrained_atomic(model, session.tokenizer, session.iteration_dir(t), procs)
 
 
-def optimizer_step(session: Session, scorer, params, optimizer, scheduler, records, t: int, k: int) -> dict:
+def optimizer_step(session: Session, scorer, trainable: Trainable, optimizer, scheduler, records, t, k) -> dict:
     """One optimiser step over B queries: this process's B / world of them, in micro-batches whose losses are
-    weighted by their share, so the summed gradient is that of the mean loss over B (DDP averages processes)."""
+    weighted by their share, so the summed gradient is that of the mean loss over B (DDP and FSDP average
+    processes)."""
     c, procs, tc = session.config, session.procs, session.config.training
     local = tc.batch_queries // procs.world
     positions = [k * tc.batch_queries + procs.rank * local + q for q in range(local)]
@@ -82,8 +87,7 @@ def optimizer_step(session: Session, scorer, params, optimizer, scheduler, recor
             session.training_template,
             rng_for=lambda b, i, chunk=chunk: prompt_rng(c.seed, t, chunk[b], i),
         )
-        sync = contextlib.nullcontext() if m == len(micro) - 1 or procs.world == 1 else scorer.no_sync()
-        with sync:
+        with accumulating(scorer, last=m == len(micro) - 1):
             with session.autocast():
                 M = scorer(batch)
             loss = infonce_loss(M.float(), direction=tc.direction)
@@ -93,7 +97,7 @@ def optimizer_step(session: Session, scorer, params, optimizer, scheduler, recor
         correct += int((M.detach().argmax(-1) == torch.arange(n, device=M.device)).sum())
         tokens += sum(map(len, (p for q in batch.prompt_ids for p in q)))
         tokens += sum(len(ids) for q in batch.pair_ids for row in q for ids in row)
-    grad_norm, lr = apply_update(params, optimizer, scheduler, tc.optimizer.max_grad_norm)
+    grad_norm, lr = apply_update(trainable, optimizer, scheduler, tc.optimizer.max_grad_norm)
     elapsed = time.perf_counter() - began
     n = c.constitutions.n
     loss = procs.mean(loss_sum / local)

@@ -12,9 +12,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from ...engine.generation import shared_prefix_prompts
+from ..stage_file import StageFile
 from .config import ANSWER_MARKER, DATA, IDENTITY, TERMINATOR
 from .session import Session
-from .stage_file import StageFile
 from .text import principled_response, word_ngrams
 
 

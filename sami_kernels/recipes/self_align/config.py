@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ...engine.generation import GenerationConfig
 from .sft import SFTConfig
@@ -77,6 +78,7 @@ class SelfAlignConfig:
     model: str = "smollm2"
     output_dir: str = "runs/self-align"
     seed: int = 0
+    model_dtype: Literal["float32", "bfloat16"] = "float32"  # the dtype every model is loaded in
     name: str = "Dromedary"  # the trained assistant's name
     progress: bool = True
     prompts: PromptsSection = field(default_factory=PromptsSection)

@@ -8,11 +8,11 @@ import functools
 
 from ...engine.packed import tokenize_pair
 from ...engine.tokens import BoundaryMergeError
+from ..stage_file import StageFile
 from .answers import answer_all
 from .config import DATA, TERMINATOR
 from .session import Session
 from .sft import sft_train
-from .stage_file import StageFile
 from .text import finish_answer, verbose_reject_reason
 
 
@@ -51,33 +51,22 @@ def engrave(session: Session) -> dict:
         seed=session.unit_seed("stage3"),
         show=session.show,
         desc="stage 3: engraving",
+        dtype=session.dtype,
     )
     return {"examples": len(sequences), "model": str(path)}
 
 
 def verbose_clone(session: Session) -> dict:
+    """Every process: the verbose answers (made by the main process), then the SFT on them."""
     c = session.config.verbose
-    queries = session.needs("2")
     engraved = session.out / "stage3" / "model"
     if not engraved.exists():
         raise ValueError(f"stage 4 needs the stage-3 model at {engraved}: run stage 3 first")
-    stage = StageFile(session.out, "4")
-    teacher = (DATA / "verbose_teacher.txt").read_text().strip()
-    template = f"# System\n{teacher}\n\n" + "### User\n{query}\n\n" + f"### {session.config.name}\n"
-    answer_all(
-        session,
-        stage,
-        queries,
-        template,
-        c.generation,
-        engraved,
-        "stage 4: verbose answers",
-        functools.partial(verbose_response, session),
-    )
-    stage.publish()
-    if not stage.records:
+    counts = session.main_only(functools.partial(verbose_answers, session, engraved))
+    records = session.needs("4")
+    if not records:
         raise ValueError("stage 4 kept no answers: nothing to clone")
-    sequences = sft_sequences(session, stage.records, c.training.cutoff)
+    sequences = sft_sequences(session, records, c.training.cutoff)
     path = sft_train(
         session.out / "stage4",
         session.base_path,
@@ -87,8 +76,27 @@ def verbose_clone(session: Session) -> dict:
         seed=session.unit_seed("stage4"),
         show=session.show,
         desc="stage 4: verbose cloning",
+        dtype=session.dtype,
     )
-    return {**stage.counts, "examples": len(sequences), "model": str(path)}
+    return {**(counts or {}), "examples": len(sequences), "model": str(path)}
+
+
+def verbose_answers(session: Session, engraved) -> dict:
+    """The stage-3 model's answers under the teacher prompt, filtered: stage4.jsonl; its counts."""
+    stage = StageFile(session.out, "4")
+    teacher = (DATA / "verbose_teacher.txt").read_text().strip()
+    template = f"# System\n{teacher}\n\n" + "### User\n{query}\n\n" + f"### {session.config.name}\n"
+    answer_all(
+        session,
+        stage,
+        session.needs("2"),
+        template,
+        session.config.verbose.generation,
+        engraved,
+        "stage 4: verbose answers",
+        functools.partial(verbose_response, session),
+    )
+    return stage.publish()
 
 
 def verbose_response(

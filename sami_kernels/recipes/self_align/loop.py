@@ -15,9 +15,15 @@ Generation stages append every finished batch to stage<k>.log.jsonl (fsync'ed, w
 outputs atomically from it when the stage ends; a re-run skips every unit of work already logged. Every generated item
 is sampled with its own seed (config seed, stage, item), and each SFT stage shuffles its data with its own seed
 (config seed, stage): a resumed run writes and trains on exactly what an uninterrupted one does.
+
+Under torchrun the SFT of stages 3 and 4 runs on every process (sft.py: ddp or fsdp); the generation (stages 1, 2,
+stage 4's answers, eval) runs on the main process while the others wait, so the collectives' timeout
+(training.timeout_minutes of engraving / verbose.training) must cover it.
 """
 
 from __future__ import annotations
+
+import functools
 
 from tqdm.auto import tqdm
 
@@ -29,22 +35,27 @@ from .prompts import write_prompts
 from .session import Session
 
 STEPS = {"1": write_prompts, "2": write_answers, "3": engrave, "4": verbose_clone, "eval": evaluate}
+EVERY_PROCESS = ("3", "4")  # their SFT runs on every process; the other stages on the main one (main_only)
 
 
 def run_self_align(config: SelfAlignConfig, stage: str = "all", **options) -> dict:
-    """Stage `stage` (or all of them, in order); each returns its report. options: make_generator (session.py)."""
+    """Stage `stage` (or all of them, in order); each returns its report (on the main process; {} elsewhere).
+    options: make_generator (session.py)."""
     if stage not in ("all", *STAGES):
         raise ValueError(f"--stage must be one of all, {', '.join(STAGES)}; got {stage!r}")
     session = Session(config, **options)
     report = {}
     for name in STAGES if stage == "all" else (stage,):
-        report[name] = STEPS[name](session)
-        if session.show:
+        step = functools.partial(STEPS[name], session)
+        report[name] = step() if name in EVERY_PROCESS else session.main_only(step)
+        if session.show and session.procs.is_main:
             tqdm.write(f"stage {name}: {report[name]}")
-    return report
+    return report if session.procs.is_main else {}
 
 
 def print_report(report: dict) -> None:
+    if not report:  # processes other than the main one
+        return
     print("\nSELF-ALIGN report")
     for stage, values in report.items():
         print(

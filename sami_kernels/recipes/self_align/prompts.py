@@ -9,9 +9,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..data import read_jsonl
+from ..stage_file import StageFile
 from .config import DATA
 from .session import Session
-from .stage_file import StageFile
 from .text import NearDuplicates, instruction_reject_reason, parse_numbered, topic_reject_reason
 
 

@@ -7,12 +7,10 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-
 from ...engine.generation import GenerationConfig, HFGenerator
 from ...engine.models import resolve_model_path
 from ..data import read_jsonl
-from ..training import load_model
+from ..training import Processes, load_model, model_dtype
 from .config import SelfAlignConfig
 
 
@@ -30,7 +28,11 @@ class Session:
 
         hf_logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # under torchrun: the generation stages run on the main process while the others wait (main_only); the SFT
+        # stages on every process (sft.py)
+        self.procs = Processes(max(c.engraving.timeout_minutes, c.verbose.training.timeout_minutes))
+        self.device = self.procs.device
+        self.dtype = model_dtype(c.model_dtype)  # of every model loaded, trained or not
         self.show = c.progress
         self.system = (
             f"# System\nThis is a conversation between a user and {c.name}, an AI assistant that answers "
@@ -38,10 +40,18 @@ class Session:
         )
 
     def model(self, adapter: Path | None = None):
-        return load_model(self.base_path, device=self.device, lora=None, adapter=adapter, trainable=False).eval()
+        return load_model(
+            self.base_path, device=self.device, lora=None, adapter=adapter, trainable=False, dtype=self.dtype
+        ).eval()
 
     def generator(self, model, generation: GenerationConfig, bar=None):
         return self.make_generator(model, self.tokenizer, generation, progress=None if bar is None else bar.update)
+
+    def main_only(self, work):
+        """work() on the main process (its result; None elsewhere), then every process goes on together."""
+        result = work() if self.procs.is_main else None
+        self.procs.barrier()
+        return result
 
     def unit_seed(self, *unit: str) -> int:
         """The seed of one unit of work (an SFT stage, one generated item: its row's sampling seed): a stable hash of

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from ..data import write_jsonl, write_text
+from .data import write_jsonl, write_text
 
 
 class StageFile:

@@ -3,10 +3,15 @@
     engine       sami_kernels.sami_step_loss: each prompt encoded once, its KV cache reused by the N responses,
                  fused head (attn="cache", the default)
     engine-tree  the same with attn="tree": one packed pass per query with a tree attention mask, no padding
+    engine-chunked  the engine with max_pairs_per_pass = N (gradient caching over chunks of N pairs, one extra
+                 response forward): activations of the prefixes and one chunk instead of all N^2 responses
+    engine-chunked-ckpt  the same under gradient checkpointing: the prefix pass is checkpointed as a whole (its
+                 activations recomputed once, in the final backward), so the peak is about one chunk's
     naive   the reference code's way: N^2 padded [prompt + response] sequences, full-vocabulary logits at every
             position, fp32 log_softmax, gather, mean over response tokens, InfoNCE
 
-B = 2 queries (and B = 1 at N = 4), prompts of ~300 tokens, responses of ~100 tokens (random token ids, ragged).
+B = 2 queries (and B = 1 at N = 4 and N = 8), prompts of ~300 tokens, responses of ~100 tokens (random token
+ids, ragged).
 Useful work is counted as 6 x parameters x (tokens the engine sends through the model: N P + N^2 R per query).
 Run: python benchmarks/bench_pairs.py [--filter N4] [--reps 2]
 """
@@ -25,7 +30,7 @@ P, R = 300, 100
 
 def _cases():
     cases = []
-    for B, N in ((2, 2), (2, 4), (1, 4)):  # naive needs more than 24 GiB at B=2, N=4
+    for B, N in ((2, 2), (2, 4), (1, 4), (1, 8)):  # naive needs more than 24 GiB at B=2, N=4
         tokens = B * (N * P + N * N * R)
         shape = f"B{B}xN{N}xP{P}xR{R}"
         cases.append(
@@ -66,6 +71,12 @@ def build(provider: str, case: dict):
         def step():
             loss, _ = sk.sami_step_loss(model, batch, attn=attn)
             loss.backward()
+    elif provider in ("engine-chunked", "engine-chunked-ckpt"):
+        if provider == "engine-chunked-ckpt":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        def step():
+            sk.sami_step_loss(model, batch, max_pairs_per_pass=N)  # runs its own backward
     elif provider == "naive":
 
         def step():
@@ -77,4 +88,4 @@ def build(provider: str, case: dict):
 
 
 if __name__ == "__main__":
-    runner.main(__file__, ["engine", "engine-tree", "naive"], _cases(), build)
+    runner.main(__file__, ["engine", "engine-tree", "engine-chunked", "engine-chunked-ckpt", "naive"], _cases(), build)

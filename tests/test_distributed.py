@@ -117,6 +117,7 @@ def test_sami_fsdp_sigkill_then_rerun_ends_with_the_uninterrupted_weights(tmp_pa
 SFT_SCRIPT = """
 import json, sys
 from pathlib import Path
+import torch
 from transformers import AutoTokenizer
 from sami_kernels.engine.models import tiny_random_path
 from sami_kernels.engine.packed import tokenize_pair
@@ -127,6 +128,8 @@ tokenizer = AutoTokenizer.from_pretrained(tiny_random_path())
 sequences = [tokenize_pair(tokenizer, p, r, cutoff=spec["config"]["cutoff"]) for p, r in spec["pairs"]]
 config = from_mapping(SFTConfig, spec["config"])
 sft_train(Path(spec["out"]), str(tiny_random_path()), sequences, config, tokenizer, seed=3, show=False, desc="sft")
+if torch.distributed.is_initialized():  # sft_train leaves the group to its caller
+    torch.distributed.destroy_process_group()
 """
 
 

@@ -10,6 +10,19 @@ tokens; prefix sharing runs N P + N^2 R, exactly:
     4. the final hidden states that predict response tokens (the last prefix state, then the response states)
        go to the fused kernels with the model's own output head: never full-vocabulary logits at every position.
 
+Attention modes (resolve_attn; read from transformers 5.x: masking_utils, modeling_flash_attention_utils,
+integrations/{sdpa,flex}_attention.py, the Llama attention). attn="cache" is the above: 2D padding masks and a KV
+cache, which every implementation turns into its own mask (sdpa/eager: a 4D mask with the cache offset; flex: a
+BlockMask; flash_attention_2: unpadding and flash_attn_varlen_func, whose bottom-right causal alignment lets each
+response see its whole prefix). attn="tree" runs one packed pass per query with a 4D tree mask, which transformers
+hands to the attention unchanged: sdpa takes it boolean; eager and flex_attention add it to the scores (flex as a
+score_mod), so they get it additive (0 / dtype min); flash_attention_2 expects a 2D padding mask and is refused.
+Under gradient checkpointing in training mode transformers drops the KV cache, so "cache" is refused there.
+"auto" = "cache", or "tree" under checkpointing; with flash_attention_2 under checkpointing nothing runs and the
+error says what to change (sdpa, checkpointing off, or prefix_sharing=False, which runs plain 2D-masked sequences).
+Other implementations are refused. Tested exact here: eager and sdpa; flex_attention's forward through torch's
+unfused flex reference (on the CPU torch cannot compile flex attention and has no flex backward).
+
 Tokenisation (PairBatch.from_texts, the rule of engine/tokens.py): prompt_i's ids are encode(prompt_i) and response
 j's ids under constitution i are the tail of encode(prompt_i + response_j) after them, so the response is scored with
 the tokens it has in its context. A token merging across the boundary is refused (BoundaryMergeError). The engine
@@ -170,8 +183,60 @@ def _checkpointing(model) -> bool:
     return model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
-def _prefix_cache_states(decoder, prompts, pairs, owner, device):
-    """Prefix pass with use_cache, cache rows selected per pair, then the response pass on top of it."""
+# The 4D mask each attention implementation applies as built (see "Attention modes" in the module docstring);
+# flash_attention_2 takes only 2D padding masks, so it has no entry.
+TREE_MASK_KIND = {"eager": "additive", "sdpa": "boolean", "flex_attention": "additive"}
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+
+
+def check_attn_implementation(model) -> str:
+    """The model's attention implementation, refused unless the pair engine knows how it treats masks."""
+    implementation = model.config._attn_implementation
+    if implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"the pair engine runs attention implementations {', '.join(ATTN_IMPLEMENTATIONS)}; the model uses "
+            f"{implementation!r}: load it with attn_implementation='sdpa'"
+        )
+    return implementation
+
+
+def resolve_attn(model, attn: str, prefix_sharing: bool = True) -> str:
+    """The way pairs are run, "full" (prefix_sharing=False), "cache" or "tree", checked against the model's attention
+    implementation and gradient checkpointing before any forward; a ValueError names what to change instead."""
+    if attn not in ("auto", "cache", "tree"):
+        raise ValueError(f"attn must be 'auto', 'cache' or 'tree', got {attn!r}")
+    if not prefix_sharing:
+        return "full"
+    implementation = check_attn_implementation(model)
+    checkpointing = _checkpointing(model)
+    tree_ok = implementation in TREE_MASK_KIND
+    if attn == "auto":
+        if checkpointing and not tree_ok:
+            raise ValueError(
+                f"attn='auto' has no mode for {implementation} under gradient checkpointing in training mode: "
+                "attn='cache' gets no KV cache there (transformers drops it) and attn='tree' needs a 4D mask, "
+                f"which {implementation} does not take; load the model with attn_implementation='sdpa', turn "
+                "gradient checkpointing off, or pass prefix_sharing=False"
+            )
+        return "tree" if checkpointing else "cache"
+    if attn == "cache" and checkpointing:
+        alternative = "attn='tree'" if tree_ok else "attn='tree' with attn_implementation='sdpa'"
+        raise ValueError(
+            "attn='cache' gets no KV cache under gradient checkpointing in training mode (transformers drops it): "
+            f"use {alternative}, prefix_sharing=False, or turn gradient checkpointing off"
+        )
+    if attn == "tree" and not tree_ok:
+        alternative = "" if checkpointing else " or attn='cache'"
+        raise ValueError(
+            f"attn='tree' needs an additive or boolean 4D attention mask; {implementation} takes only 2D padding "
+            f"masks (transformers passes a 4D mask to it unchanged): use attn_implementation='sdpa'{alternative}"
+        )
+    return attn
+
+
+def _prefix_pass(decoder, prompts, device):
+    """The prompts, left-padded, through the decoder with use_cache=True -> (last hidden state of each prompt
+    [rows, H], KV cache, attention mask [rows, P])."""
     p_ids, p_mask = _pad(prompts, left=True, device=device)
     prefix = decoder(
         input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True
@@ -182,18 +247,29 @@ def _prefix_cache_states(decoder, prompts, pairs, owner, device):
             "the prefix pass returned no KV cache (gradient checkpointing in training mode drops it); "
             "use attn='tree' or prefix_sharing=False"
         )
-    cache.batch_select_indices(owner)  # row (b, i, j) <- prefix (b, i)
+    return prefix.last_hidden_state[:, -1], cache, p_mask  # left padding: the last column is the last token
+
+
+def _response_states(decoder, last_prefix, cache, p_mask, pairs, device):
+    """The response pass of pair rows on top of their prefixes (last_prefix, cache and p_mask already hold row r's
+    prefix in row r): (states predicting each response token [rows, R, H], the response ids [rows, R])."""
     r_ids, r_mask = _pad(pairs, left=False, device=device)
-    r_pos = p_mask.sum(-1)[owner][:, None] + torch.arange(r_ids.shape[1], device=device)
+    r_pos = p_mask.sum(-1)[:, None] + torch.arange(r_ids.shape[1], device=device)
     response = decoder(
         input_ids=r_ids,
-        attention_mask=torch.cat([p_mask[owner], r_mask], dim=1),
+        attention_mask=torch.cat([p_mask, r_mask], dim=1),
         position_ids=r_pos,
         past_key_values=cache,
         use_cache=True,
     )
-    last_prefix = prefix.last_hidden_state[:, -1][owner]  # left padding: the last column is the last token
     return torch.cat([last_prefix[:, None], response.last_hidden_state[:, :-1]], dim=1), r_ids
+
+
+def _prefix_cache_states(decoder, prompts, pairs, owner, device):
+    """Prefix pass with use_cache, cache rows selected per pair, then the response pass on top of it."""
+    last_prefix, cache, p_mask = _prefix_pass(decoder, prompts, device)
+    cache.batch_select_indices(owner)  # row (b, i, j) <- prefix (b, i)
+    return _response_states(decoder, last_prefix[owner], cache, p_mask[owner], pairs, device)
 
 
 def _tree_states(decoder, batch: PairBatch, attn_implementation: str, device):
@@ -234,7 +310,7 @@ def _tree_states(decoder, batch: PairBatch, attn_implementation: str, device):
         & ((branch[:, None, :] == -1) | (branch[:, None, :] == branch[:, :, None]))
     ) | (q == k)
     mask = allowed[:, None]
-    if attn_implementation != "sdpa":  # eager-style additive mask
+    if TREE_MASK_KIND[attn_implementation] == "additive":  # eager and flex_attention add the mask to the scores
         mask = torch.zeros(mask.shape, dtype=decoder.dtype, device=device).masked_fill(
             ~mask, torch.finfo(decoder.dtype).min
         )
@@ -261,26 +337,34 @@ def _full_states(decoder, prompts, pairs, owner, device):
     return hidden.gather(1, cols[..., None].expand(-1, -1, hidden.shape[-1])), f_ids.gather(1, cols + 1)
 
 
+def _pair_rows(batch: PairBatch, device):
+    """(prompts: row b * N + i, pairs: row (b * N + i) * N + j, owner: the prompt row of each pair row)."""
+    B, N = batch.num_queries, batch.num_constitutions
+    prompts = [p for per_query in batch.prompt_ids for p in per_query]
+    pairs = [batch.pair_ids[b][i][j] for b in range(B) for i in range(N) for j in range(N)]
+    return prompts, pairs, torch.arange(B * N, device=device).repeat_interleave(N)
+
+
 def _scored_states(model, decoder, batch: PairBatch, prefix_sharing: bool, attn: str):
     """(hidden [T, H], targets [T], seq_ids [T]) for every scored response token, seq id (b * N + i) * N + j."""
     device = next(model.parameters()).device
-    B, N = batch.num_queries, batch.num_constitutions
-    prompts = [p for per_query in batch.prompt_ids for p in per_query]  # row b * N + i
-    pairs = [batch.pair_ids[b][i][j] for b in range(B) for i in range(N) for j in range(N)]  # row (b*N + i)*N + j
-    owner = torch.arange(B * N, device=device).repeat_interleave(N)  # prefix row of each pair row
-    if attn == "auto":
-        attn = "tree" if _checkpointing(model) else "cache"
-    if not prefix_sharing:
+    prompts, pairs, owner = _pair_rows(batch, device)
+    way = resolve_attn(model, attn, prefix_sharing)
+    if way == "full":
         states, targets = _full_states(decoder, prompts, pairs, owner, device)
-    elif attn == "cache":
+    elif way == "cache":
         states, targets = _prefix_cache_states(decoder, prompts, pairs, owner, device)
-    elif attn == "tree":
-        states, targets = _tree_states(decoder, batch, model.config._attn_implementation, device)
     else:
-        raise ValueError(f"attn must be 'auto', 'cache' or 'tree', got {attn!r}")
-    lengths = torch.tensor([len(p) for p in pairs], device=device)
-    valid = torch.arange(states.shape[1], device=device)[None, :] < lengths[:, None]
-    seq_ids = torch.arange(len(pairs), device=device)[:, None].expand_as(valid)
+        states, targets = _tree_states(decoder, batch, model.config._attn_implementation, device)
+    return _scored_tokens(states, targets, pairs)
+
+
+def _scored_tokens(states, targets, pairs):
+    """Per-pair rows (states [rows, R, H], targets [rows, R]) -> (hidden [T, H], targets [T], seq_ids [T]) of the
+    scored tokens, seq id = the row."""
+    lengths = torch.tensor([len(p) for p in pairs], device=states.device)
+    valid = torch.arange(states.shape[1], device=states.device)[None, :] < lengths[:, None]
+    seq_ids = torch.arange(len(pairs), device=states.device)[:, None].expand_as(valid)
     return states[valid], targets[valid], seq_ids[valid]
 
 
@@ -297,7 +381,9 @@ def pair_logprobs(
 
     Differentiable in the model's parameters. prefix_sharing=False runs the N^2 full sequences (same result).
     attn: "cache" (prefix pass + KV cache reused by index), "tree" (one packed pass per query with a tree mask;
-    works under gradient checkpointing), "auto" (cache, or tree when gradient checkpointing is active)."""
+    works under gradient checkpointing), "auto" (cache, or tree when gradient checkpointing is active); a
+    combination with the model's attention implementation that cannot run is refused before any forward (module
+    docstring, "Attention modes")."""
     decoder, head, temperature = decoder_and_head(model)
     _check_lengths(batch, model)
     hidden, targets, seq_ids = _scored_states(model, decoder, batch, prefix_sharing, attn)
@@ -310,14 +396,21 @@ def pair_logprobs(
 
 class PairScorer(torch.nn.Module):
     """pair_logprobs(model, batch, **options) as a module's forward, so that DistributedDataParallel (and FSDP) see
-    the forward call they hook into: ddp = DistributedDataParallel(PairScorer(model)); M = ddp(batch)."""
+    the forward call they hook into: ddp = DistributedDataParallel(PairScorer(model)); M = ddp(batch).
+    With step = keyword arguments of gradcache.cached_step (max_pairs_per_pass, direction, loss_scale), the forward
+    is the gradient-caching step and returns its (remainder, loss, M): the backwards of all chunks but the last run
+    inside the forward, and remainder.backward(), the caller's, is the one DDP synchronises."""
 
     def __init__(self, model, **options):
         super().__init__()
         self.model, self.options = model, options
 
-    def forward(self, batch: PairBatch) -> torch.Tensor:
-        return pair_logprobs(self.model, batch, **self.options)
+    def forward(self, batch: PairBatch, step: dict | None = None):
+        if step is None:
+            return pair_logprobs(self.model, batch, **self.options)
+        from .gradcache import cached_step  # gradcache builds on this module
+
+        return cached_step(self.model, batch, **self.options, **step)
 
 
 def sami_step_loss(
@@ -328,7 +421,28 @@ def sami_step_loss(
     prefix_sharing: bool = True,
     attn: str = "auto",
     backend: str = "auto",
+    max_pairs_per_pass: int | None = None,
+    loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, M): SAMI's InfoNCE over the length-normalised pair matrix; what a trainer calls each step."""
-    M = pair_logprobs(model, batch, reduction="mean", prefix_sharing=prefix_sharing, attn=attn, backend=backend)
-    return infonce_loss(M, direction=direction, backend=backend), M
+    """(loss, M): SAMI's InfoNCE over the length-normalised pair matrix; what a trainer calls each step.
+
+    max_pairs_per_pass=None: one pass; loss is differentiable, the caller runs its backward.
+    max_pairs_per_pass=k: gradient caching over chunks of at most k pairs (engine/gradcache.py: activation memory of
+    the prefixes and one chunk, whatever N^2). This mode runs the backward itself: loss and M come back detached and
+    the gradients of loss_scale * loss are accumulated into .grad, as (loss_scale * loss).backward() would; for
+    gradient accumulation pass each micro-batch's weight as loss_scale (e.g. its share of the step's queries).
+    It runs the KV-cache path (attn 'auto' or 'cache', prefix_sharing=True), under gradient checkpointing too."""
+    if max_pairs_per_pass is None:
+        if loss_scale != 1.0:
+            raise ValueError(
+                "loss_scale is used with max_pairs_per_pass only; with one pass, scale the returned loss yourself"
+            )
+        M = pair_logprobs(model, batch, reduction="mean", prefix_sharing=prefix_sharing, attn=attn, backend=backend)
+        return infonce_loss(M, direction=direction, backend=backend), M
+    if not prefix_sharing:
+        raise ValueError("max_pairs_per_pass chunks the shared-prefix pass: pass prefix_sharing=True")
+    remainder, loss, M = PairScorer(model, attn=attn, backend=backend)(
+        batch, step={"max_pairs_per_pass": max_pairs_per_pass, "direction": direction, "loss_scale": loss_scale}
+    )
+    remainder.backward()
+    return loss, M

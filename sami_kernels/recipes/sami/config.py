@@ -145,6 +145,7 @@ class TrainingSection:
     gradient_checkpointing: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun (training.py)
     timeout_minutes: int = 120  # of every collective (a process waiting for the others gives up after it)
+    max_pairs_per_pass: int | None = None  # gradient caching over chunks of this many pairs (engine/gradcache.py)
 
 
 @dataclass
@@ -187,6 +188,14 @@ class SAMIConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key} must be >= {2 if key == 'constitutions.n' else 1}")
+        if t.max_pairs_per_pass is not None and t.max_pairs_per_pass < 1:
+            raise ValueError("training.max_pairs_per_pass must be >= 1, or null (one pass over all pairs)")
+        if t.max_pairs_per_pass is not None and t.distributed == "fsdp":
+            raise ValueError(
+                "training.max_pairs_per_pass does not work with training.distributed: fsdp (its chunked backwards "
+                "run through a prefix pass whose sharded layers are resharded in between); use distributed: ddp, or "
+                "max_pairs_per_pass: null with gradient_checkpointing / smaller micro_batch_queries"
+            )
         for key, template in (("generation.template", self.generation.template), ("training.template", t.template)):
             if template is not None and not 0 <= template.find("{constitution}") < template.find("{query}"):
                 raise ValueError(f"{key} must contain {{constitution}} and, after it, {{query}}")

@@ -88,10 +88,7 @@ def optimizer_step(session: Session, scorer, trainable: Trainable, optimizer, sc
             rng_for=lambda b, i, chunk=chunk: prompt_rng(c.seed, t, chunk[b], i),
         )
         with accumulating(scorer, last=m == len(micro) - 1):
-            with session.autocast():
-                M = scorer(batch)
-            loss = infonce_loss(M.float(), direction=tc.direction)
-            (loss * (len(chunk) / local)).backward()
+            loss, M = micro_batch_backward(session, scorer, batch, weight=len(chunk) / local)
         loss_sum += loss.item() * len(chunk)
         n = batch.num_constitutions
         correct += int((M.detach().argmax(-1) == torch.arange(n, device=M.device)).sum())
@@ -109,6 +106,24 @@ def optimizer_step(session: Session, scorer, trainable: Trainable, optimizer, sc
         "lr": lr,
         "grad_norm": grad_norm,
     }
+
+
+def micro_batch_backward(session: Session, scorer, batch, *, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, M) of one micro-batch, with the gradients of weight * loss accumulated: by one backward, or by gradient
+    caching over chunks of training.max_pairs_per_pass pairs (engine/gradcache.py), whose chunk backwards run in the
+    scorer's forward and whose last backward, here, is the one DDP synchronises."""
+    tc = session.config.training
+    if tc.max_pairs_per_pass is None:
+        with session.autocast():
+            M = scorer(batch)
+        loss = infonce_loss(M.float(), direction=tc.direction)
+        (loss * weight).backward()
+        return loss, M
+    step = {"max_pairs_per_pass": tc.max_pairs_per_pass, "direction": tc.direction, "loss_scale": weight}
+    with session.autocast():
+        remainder, loss, M = scorer(batch, step=step)
+    remainder.backward()
+    return loss, M
 
 
 def prompt_rng(seed: int, t: int, position: int, constitution: int) -> random.Random:

@@ -50,6 +50,7 @@ def run_self_align(config: SelfAlignConfig, stage: str = "all", **options) -> di
         report[name] = step() if name in EVERY_PROCESS else session.main_only(step)
         if session.show and session.procs.is_main:
             tqdm.write(f"stage {name}: {report[name]}")
+    session.procs.close()
     return report if session.procs.is_main else {}
 
 

@@ -85,7 +85,8 @@ def sft_train(
     """SFT of the base model (weights in `dtype`) on the sequences; resumable from out/checkpoints; the model (or
     adapter) ends in out/model. Each optimiser step takes batch_sequences sequences (packed into micro-batch rows),
     and its loss is the mean over all of that step's response tokens: each row's sum is divided by the step's token
-    count. Every process of a torchrun job calls it."""
+    count. Every process of a torchrun job calls it; the process group stays open for the caller to close
+    (run_self_align does)."""
     procs = Processes(config.timeout_minutes)
     final = out / "model"
     if final.exists():

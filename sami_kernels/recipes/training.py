@@ -94,6 +94,14 @@ class Processes:
         dist.all_reduce(t)
         return t.item()
 
+    def gather(self, value) -> list:
+        """Every process's (picklable) value, in rank order, on every process."""
+        if self.world == 1:
+            return [value]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def mean(self, value: float) -> float:
         """The mean of a number over processes."""
         return self.sum(value) / self.world

@@ -32,7 +32,6 @@ import math
 from collections import Counter
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ...engine.generation import shared_prefix_prompts
@@ -214,11 +213,7 @@ def greedy_responses(session, model_dirs: dict, asked: dict) -> dict[str, dict[s
 
 def across_processes(procs, items: list, work) -> list:
     """[work(x) for x in items], item k computed by process k mod world, the results gathered on every process."""
-    mine = [work(x) for x in items[procs.rank :: procs.world]]
-    if procs.world == 1:
-        return mine
-    gathered = [None] * procs.world
-    dist.all_gather_object(gathered, mine)
+    gathered = procs.gather([work(x) for x in items[procs.rank :: procs.world]])
     return [gathered[k % procs.world][k // procs.world] for k in range(len(items))]
 
 

@@ -3,10 +3,9 @@
     engine       sami_kernels.sami_step_loss: each prompt encoded once, its KV cache reused by the N responses,
                  fused head (attn="cache", the default)
     engine-tree  the same with attn="tree": one packed pass per query with a tree attention mask, no padding
-    engine-chunked  the engine with max_pairs_per_pass = N (gradient caching over chunks of N pairs, one extra
-                 response forward): activations of the prefixes and one chunk instead of all N^2 responses
-    engine-chunked-ckpt  the same under gradient checkpointing: the prefix pass is checkpointed as a whole (its
-                 activations recomputed once, in the final backward), so the peak is about one chunk's
+    engine-chunked  the engine with max_pairs_per_pass = N (gradient caching: prefix passes of N prompts and response
+                 passes of N pairs, each prefix and response run forward twice): activations of one such pass
+                 instead of all B N prompts and B N^2 responses
     naive   the reference code's way: N^2 padded [prompt + response] sequences, full-vocabulary logits at every
             position, fp32 log_softmax, gather, mean over response tokens, InfoNCE
 
@@ -71,9 +70,7 @@ def build(provider: str, case: dict):
         def step():
             loss, _ = sk.sami_step_loss(model, batch, attn=attn)
             loss.backward()
-    elif provider in ("engine-chunked", "engine-chunked-ckpt"):
-        if provider == "engine-chunked-ckpt":
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif provider == "engine-chunked":
 
         def step():
             sk.sami_step_loss(model, batch, max_pairs_per_pass=N)  # runs its own backward
@@ -88,4 +85,4 @@ def build(provider: str, case: dict):
 
 
 if __name__ == "__main__":
-    runner.main(__file__, ["engine", "engine-tree", "engine-chunked", "engine-chunked-ckpt", "naive"], _cases(), build)
+    runner.main(__file__, ["engine", "engine-tree", "engine-chunked", "naive"], _cases(), build)

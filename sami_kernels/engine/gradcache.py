@@ -1,35 +1,41 @@
 """Gradient caching over pair chunks (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
-Limited Setup"): SAMI's step with activation memory independent of N^2.
+Limited Setup"): SAMI's step with activation memory independent of N^2 and of the batch.
 
 SAMI's InfoNCE L needs all of M [B, N, N] before any gradient, but dL/dM has only B N^2 numbers. With k =
-max_pairs_per_pass, the B N^2 pair rows r = (b * N + i) * N + j are cut into chunks of at most k consecutive rows:
+max_pairs_per_pass, no pass with autograd holds more than k rows: the B N prompt rows are cut into groups of at most
+k consecutive rows, and the pair rows r = (b * N + i) * N + j of each group's prompts into chunks of at most k rows.
 
-    1. prefix pass with autograd over the B N prompts (pairs._prefix_pass); its outputs (every layer's keys and
-       values, the last prompt state) are copied into leaf tensors that require grad;
-    2. without autograd, per chunk: the response pass on the chunk's rows of the leaves -> M[chunk], the CPU (and
-       CUDA) RNG state before it kept; then L = InfoNCE(M) and G = loss_scale * dL/dM;
-    3. per chunk but the last, with autograd: the chunk's RNG state restored (so dropout draws the masks of step 2),
-       the response pass again on the leaves, backward of M[chunk] with upstream G[chunk]: parameter gradients
-       accumulate in .grad, the cache's in the leaves' .grad; the chunk's activations are then freed;
-    4. the last chunk's response pass runs on the prefix pass's own outputs t (not on the leaves), and
+    1. without autograd, per group: the prefix pass (pairs._prefix_pass) -> every layer's keys and values and the last
+       prompt state, copied into leaf tensors that require grad ("leaves"), the RNG state before it kept;
+    2. without autograd, per chunk: the response pass on the chunk's rows of the leaves -> M[chunk], the RNG state
+       before it kept; then L = InfoNCE(M) and G = loss_scale * dL/dM;
+    3. per chunk but the last, with autograd and its RNG state restored (dropout draws the masks of step 2): the
+       response pass on the leaves, backward of M[chunk] with upstream G[chunk]; parameter gradients accumulate in
+       .grad, the prefixes' in the leaves' .grad, and the chunk's activations are freed;
+    4. per group but the last, with autograd and its RNG state restored: the prefix pass again -> t, backward of
+       sum <t, leaf(t).grad>; the group's activations are freed;
+    5. the last group: its prefix pass again -> t, the last chunk's response pass on t (not on the leaves), and
            remainder = <M[last], G[last]> + sum_t <t, leaf(t).grad>
-       is returned: remainder.backward() adds the last chunk's gradients and sends the accumulated cache gradients
-       through the prefix pass, in one backward that reaches every parameter.
+       is returned: remainder.backward() adds the last chunk's gradients and sends the last group's cache gradients
+       through its prefix pass. Every forward with autograd is followed by its own backward before the next one
+       starts, except in step 5, where the last chunk runs on the prefix pass it belongs to.
 
 The gradients are those of loss_scale * L backpropagated through one graph, up to summation order; the cost is one
-extra response forward (step 2).
+extra forward of every prefix and every response (steps 1 and 2).
 
-Activation memory per query (N prompts of P tokens, N^2 responses of R tokens, k pairs per chunk):
-    one pass (pairs.py):   N P (prefix)  +  N^2 R (every response)
-    chunked (here):        N P (prefix)  +  k R (one chunk)  +  the prefix KV cache's gradient (its size)
-the N^2 R term becomes k R, whatever N. Under gradient checkpointing (transformers drops caches in checkpointed
-layers) the layers' own checkpointing is off for these passes and the prefix pass is checkpointed as a whole
-instead: its activations are not kept across the chunks but recomputed once, in remainder.backward(); a chunk's
-activations live from its forward to its backward only.
+Activation memory (N prompts of P tokens and N^2 responses of R tokens per query, B queries, k rows per pass):
+    one pass (pairs.py):   B N P (prefixes)  +  B N^2 R (every response)
+    chunked (here):        k P (one group's prefixes)  +  k R (one chunk)  +  2 x the KV cache of the B N prefixes
+                           (the leaves and their gradients)
+whatever N and B. transformers drops KV caches in layers that checkpoint their activations, so the layers' own
+gradient checkpointing is switched off for these passes: the prefix passes are recomputed here anyway (step 4), and
+a chunk's activations live from its forward to its backward only.
 
 DDP: every backward but remainder.backward() runs inside this call; run it as DistributedDataParallel's forward
 (PairScorer.forward) and those backwards find DDP's reducer expecting no gradients (they accumulate locally), while
-remainder.backward() is the one that synchronises.
+remainder.backward(), which reaches every parameter the step uses (the last chunk the head, the last prefix pass the
+decoder), is the one that synchronises. FSDP2: each backward reduce-scatters into the sharded gradients, whose sum is
+the gradient of the step.
 """
 
 from __future__ import annotations
@@ -39,14 +45,12 @@ import copy
 from dataclasses import dataclass, replace
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..kernels.ops.infonce import infonce_loss
 from .head import decoder_and_head, head_sequence_logprobs
 from .pairs import (
     PairBatch,
     _check_lengths,
-    _checkpointing,
     _pair_rows,
     _prefix_pass,
     _response_states,
@@ -57,14 +61,20 @@ from .pairs import (
 
 @dataclass
 class _Prefix:
-    """The prefix pass's outputs: last prompt state [B N, H], each layer's keys and values [B N, heads, P, d], the
-    cache they came in (the layer types a chunk's cache copies) and the prompts' attention mask."""
+    """A prefix pass's outputs for one group of prompt rows: last prompt state [rows, H], each layer's keys and values
+    [rows, heads, P, d], the cache they came in (the layer types a chunk's cache copies) and the prompts' attention
+    mask."""
 
     last: torch.Tensor
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     cache: object
     mask: torch.Tensor
+
+    @classmethod
+    def run(cls, decoder, prompts, device) -> _Prefix:
+        last, cache, mask = _prefix_pass(decoder, prompts, device)
+        return cls(last, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], cache, mask)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.last, *self.keys, *self.values]
@@ -74,12 +84,17 @@ class _Prefix:
         return replace(self, last=leaf(self.last), keys=[*map(leaf, self.keys)], values=[*map(leaf, self.values)])
 
     def rows(self, select: torch.Tensor):
-        """(last state, cache, mask) of prompt rows `select`: a copy of the cache holding those rows."""
+        """(last state, cache, mask) of this group's rows `select`: a copy of the cache holding those rows."""
         cache = copy.copy(self.cache)
         cache.layers = [copy.copy(layer) for layer in self.cache.layers]
         for layer, k, v in zip(cache.layers, self.keys, self.values, strict=True):
             layer.keys, layer.values = k[select], v[select]
         return self.last[select], cache, self.mask[select]
+
+    def cotangent(self, leaves: _Prefix) -> torch.Tensor:
+        """sum <t, leaf(t).grad> over this pass's outputs t: its backward sends the leaves' gradients through it."""
+        pairs = zip(self.tensors(), leaves.tensors(), strict=True)
+        return sum((t * leaf.grad).sum() for t, leaf in pairs if leaf.grad is not None)
 
 
 def cached_step(
@@ -92,10 +107,11 @@ def cached_step(
     attn: str = "auto",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(remainder, loss, M): steps 1-4 of the module docstring. loss (the InfoNCE, unscaled) and M [B, N, N] are
+    """(remainder, loss, M): steps 1-5 of the module docstring. loss (the InfoNCE, unscaled) and M [B, N, N] are
     detached; the gradients of loss_scale * loss are in .grad once the caller has run remainder.backward()."""
-    if isinstance(max_pairs_per_pass, bool) or not isinstance(max_pairs_per_pass, int) or max_pairs_per_pass < 1:
-        raise ValueError(f"max_pairs_per_pass must be an int >= 1 (or None: one pass), got {max_pairs_per_pass!r}")
+    k = max_pairs_per_pass
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"max_pairs_per_pass must be an int >= 1 (or None: one pass), got {k!r}")
     if attn not in ("auto", "cache"):
         raise ValueError(
             f"max_pairs_per_pass chunks the KV-cache path: attn must be 'auto' or 'cache', got {attn!r} "
@@ -106,53 +122,53 @@ def cached_step(
     _check_lengths(batch, model)
     device = next(model.parameters()).device
     prompts, pairs, owner = _pair_rows(batch, device)
-    chunks = [slice(s, s + max_pairs_per_pass) for s in range(0, len(pairs), max_pairs_per_pass)]
+    N = batch.num_constitutions
+    groups = [range(s, min(s + k, len(prompts))) for s in range(0, len(prompts), k)]
+    # a chunk: (its group, its pair rows); the pair rows of group g are N * g.start ... N * g.stop - 1
+    chunks = [
+        (g, slice(s, min(s + k, N * rows.stop)))
+        for g, rows in enumerate(groups)
+        for s in range(N * rows.start, N * rows.stop, k)
+    ]
 
-    def score(prefix: _Prefix, rows: slice) -> torch.Tensor:
-        """M's entries of pair rows `rows`: the response pass on their prefixes, the fused head."""
-        states, targets = _response_states(decoder, *prefix.rows(owner[rows]), pairs[rows], device)
+    def score(prefix: _Prefix, g: int, rows: slice) -> torch.Tensor:
+        """M's entries of pair rows `rows` (of group g): the response pass on their prefixes, the fused head."""
+        select = owner[rows] - groups[g].start
+        states, targets = _response_states(decoder, *prefix.rows(select), pairs[rows], device)
         hidden, targets, seq_ids = _scored_tokens(states, targets, pairs[rows])
-        count = len(pairs[rows])
         return head_sequence_logprobs(
-            head, temperature, hidden, targets, seq_ids, count, reduction="mean", backend=backend
+            head, temperature, hidden, targets, seq_ids, len(pairs[rows]), reduction="mean", backend=backend
         )
 
-    checkpointed = _checkpointing(model)
+    def prefix_of(g: int) -> _Prefix:
+        return _Prefix.run(decoder, [prompts[r] for r in groups[g]], device)
+
     with _layer_checkpointing_off(model):
-        prefix = _prefix(model, decoder, prompts, device, checkpointed=checkpointed)
-        leaves = prefix.leaves()
-        states, values = [], []  # the RNG state before each chunk's pass, M's entries
+        group_rng, leaves = [], []
         with torch.no_grad():
-            for rows in chunks:
-                states.append(_rng_state(device))
-                values.append(score(leaves, rows))
-        M = torch.cat(values).view(batch.num_queries, batch.num_constitutions, -1).requires_grad_()
+            for g in range(len(groups)):
+                group_rng.append(_rng_state(device))
+                leaves.append(prefix_of(g).leaves())
+            chunk_rng, values = [], []
+            for g, rows in chunks:
+                chunk_rng.append(_rng_state(device))
+                values.append(score(leaves[g], g, rows))
+        M = torch.cat(values).view(batch.num_queries, N, N).requires_grad_()
         loss = infonce_loss(M, direction=direction, backend=backend)
         (upstream,) = torch.autograd.grad(loss * loss_scale, M)
         upstream = upstream.flatten()
-        for rows, state in zip(chunks[:-1], states[:-1], strict=True):
+        for (g, rows), state in zip(chunks[:-1], chunk_rng[:-1], strict=True):
             _set_rng_state(state, device)
-            torch.autograd.backward(score(leaves, rows), upstream[rows])
-        _set_rng_state(states[-1], device)
-        remainder = (score(prefix, chunks[-1]) * upstream[chunks[-1]]).sum()
-    for t, leaf in zip(prefix.tensors(), leaves.tensors(), strict=True):
-        if leaf.grad is not None:
-            remainder = remainder + (t * leaf.grad).sum()
+            torch.autograd.backward(score(leaves[g], g, rows), upstream[rows])
+        for g in range(len(groups) - 1):
+            _set_rng_state(group_rng[g], device)
+            prefix_of(g).cotangent(leaves[g]).backward()
+        last, rows = chunks[-1]
+        _set_rng_state(group_rng[last], device)
+        prefix = prefix_of(last)
+        _set_rng_state(chunk_rng[-1], device)
+        remainder = (score(prefix, last, rows) * upstream[rows]).sum() + prefix.cotangent(leaves[last])
     return remainder, loss.detach(), M.detach()
-
-
-def _prefix(model, decoder, prompts, device, *, checkpointed: bool) -> _Prefix:
-    """Step 1; checkpointed: as one torch.utils.checkpoint region (its recomputation, in the backward, switches the
-    layers' own checkpointing off again)."""
-
-    def run():
-        with _layer_checkpointing_off(model):
-            return _prefix_pass(decoder, prompts, device)
-
-    last, cache, mask = checkpoint(run, use_reentrant=False) if checkpointed else run()
-    keys = [layer.keys for layer in cache.layers]
-    values = [layer.values for layer in cache.layers]
-    return _Prefix(last, keys, values, cache, mask)
 
 
 @contextlib.contextmanager

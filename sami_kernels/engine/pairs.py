@@ -410,7 +410,17 @@ class PairScorer(torch.nn.Module):
             return pair_logprobs(self.model, batch, **self.options)
         from .gradcache import cached_step  # gradcache builds on this module
 
-        return cached_step(self.model, batch, **self.options, **step)
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(self, FSDPModule):
+            return cached_step(self.model, batch, **self.options, **step)
+        # FSDP2 unshards this root's own parameters (embeddings, norm, head) for its forward only; the chunk
+        # backwards inside it would reshard them before the next chunk's forward needs them
+        self.set_reshard_after_backward(False, recurse=False)
+        try:
+            return cached_step(self.model, batch, **self.options, **step)
+        finally:
+            self.set_reshard_after_backward(True, recurse=False)
 
 
 def sami_step_loss(

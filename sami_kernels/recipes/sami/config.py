@@ -190,12 +190,6 @@ class SAMIConfig:
                 raise ValueError(f"{key} must be >= {2 if key == 'constitutions.n' else 1}")
         if t.max_pairs_per_pass is not None and t.max_pairs_per_pass < 1:
             raise ValueError("training.max_pairs_per_pass must be >= 1, or null (one pass over all pairs)")
-        if t.max_pairs_per_pass is not None and t.distributed == "fsdp":
-            raise ValueError(
-                "training.max_pairs_per_pass does not work with training.distributed: fsdp (its chunked backwards "
-                "run through a prefix pass whose sharded layers are resharded in between); use distributed: ddp, or "
-                "max_pairs_per_pass: null with gradient_checkpointing / smaller micro_batch_queries"
-            )
         for key, template in (("generation.template", self.generation.template), ("training.template", t.template)):
             if template is not None and not 0 <= template.find("{constitution}") < template.find("{query}"):
                 raise ValueError(f"{key} must contain {{constitution}} and, after it, {{query}}")

@@ -6,6 +6,7 @@
     engine-chunked  the engine with max_pairs_per_pass = N (gradient caching: prefix passes of N prompts and response
                  passes of N pairs, each prefix and response run forward twice): activations of one such pass
                  instead of all B N prompts and B N^2 responses
+    engine-chunked-2  the same with max_pairs_per_pass = 2: passes of 2 prompts or 2 pairs
     naive   the reference code's way: N^2 padded [prompt + response] sequences, full-vocabulary logits at every
             position, fp32 log_softmax, gather, mean over response tokens, InfoNCE
 
@@ -70,10 +71,11 @@ def build(provider: str, case: dict):
         def step():
             loss, _ = sk.sami_step_loss(model, batch, attn=attn)
             loss.backward()
-    elif provider == "engine-chunked":
+    elif provider in ("engine-chunked", "engine-chunked-2"):
+        k = N if provider == "engine-chunked" else 2
 
         def step():
-            sk.sami_step_loss(model, batch, max_pairs_per_pass=N)  # runs its own backward
+            sk.sami_step_loss(model, batch, max_pairs_per_pass=k)  # runs its own backward
     elif provider == "naive":
 
         def step():
@@ -85,4 +87,4 @@ def build(provider: str, case: dict):
 
 
 if __name__ == "__main__":
-    runner.main(__file__, ["engine", "engine-tree", "engine-chunked", "naive"], _cases(), build)
+    runner.main(__file__, ["engine", "engine-tree", "engine-chunked", "engine-chunked-2", "naive"], _cases(), build)

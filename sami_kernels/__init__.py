@@ -8,6 +8,8 @@ Layers, each importing only those below it (import-linter checks it, `make lint`
     kernels       the fused ops and their backends: torch (+ triton, the C++/CUDA extensions) only
 """
 
+from .engine.groups import GroupLogprobs, group_logprobs
+from .engine.head import TOKEN_STATS
 from .engine.pairs import PairBatch, pair_logprobs, sami_step_loss
 from .kernels import backends, reference
 from .kernels.ops.infonce import infonce_loss
@@ -16,11 +18,14 @@ from .kernels.ops.sequence import SAMILoss, sami_loss, sequence_logprobs
 
 __version__ = "0.1.0"
 __all__ = [
+    "TOKEN_STATS",
+    "GroupLogprobs",
     "LinearLogprobs",
     "PairBatch",
     "SAMILoss",
     "SAMITrainer",
     "backends",
+    "group_logprobs",
     "infonce_loss",
     "linear_logprobs",
     "pair_logprobs",

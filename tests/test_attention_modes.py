@@ -16,7 +16,7 @@ from test_pairs import grads, naive_matrix, random_batch, tiny_model
 from torch.nn.attention import flex_attention as torch_flex
 
 import sami_kernels as sk
-from sami_kernels.engine.pairs import ATTN_IMPLEMENTATIONS, resolve_attn
+from sami_kernels.engine.groups import ATTN_IMPLEMENTATIONS, resolve_attn
 from sami_kernels.recipes.training import enable_activation_checkpointing
 
 REFUSED = "refused"

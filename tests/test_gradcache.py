@@ -1,7 +1,8 @@
 """Gradient caching over pair chunks (engine/gradcache.py): sami_step_loss(..., max_pairs_per_pass=k) gives the loss,
 M and every parameter gradient of the one-graph computation (fp32, 1e-5) on tiny Llama / Mistral / Qwen2 / GPT-2,
-with chunk sizes that do not divide B N^2, with LoRA, under gradient checkpointing and with dropout; the SAMI loop
-with training.max_pairs_per_pass under DDP (2 gloo processes) equals one process."""
+with chunk sizes that do not divide B N or B N^2 (several prompt groups and chunks), with LoRA, under gradient
+checkpointing and with dropout; the SAMI loop with training.max_pairs_per_pass under DDP and FSDP2 (2 gloo processes)
+equals one process."""
 
 import json
 import sys
@@ -14,8 +15,9 @@ from test_sami_loop import tiny_config, weights
 
 import sami_kernels as sk
 from sami_kernels.engine import gradcache
+from sami_kernels.engine.groups import _response_states, _scored_tokens
 from sami_kernels.engine.head import decoder_and_head, head_sequence_logprobs
-from sami_kernels.engine.pairs import _pair_rows, _response_states, _scored_tokens
+from sami_kernels.engine.pairs import _pair_rows
 from sami_kernels.recipes.config import from_mapping
 from sami_kernels.recipes.sami.config import SAMIConfig
 
@@ -42,8 +44,9 @@ def chunked_step(model, batch, k, *, direction, loss_scale):
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
 @pytest.mark.parametrize("k", [2, 4, 5, 100])
 def test_loss_matrix_and_every_gradient_equal_naive(arch, k):
-    """B = 2, N = 3: 18 pairs in chunks of 2, 4 (the last of 2), 5 (the last of 3) or one chunk; random texts give a
-    non-uniform dL/dM; loss_scale scales the gradients only."""
+    """B = 2, N = 3: 6 prompt rows in groups of k, their 18 pairs in chunks of k within each group (k = 4: groups of 4
+    and 2 rows, chunks 4 4 4 | 4 2; k = 5: groups of 5 and 1, chunks 5 5 5 | 3), or one group and chunk; random
+    texts give a non-uniform dL/dM; loss_scale scales the gradients only."""
     model = tiny_model(arch)
     batch = random_batch(2, 3, seed=k)
     direction = {2: "both", 4: "row", 5: "col", 100: "both"}[k]
@@ -71,7 +74,7 @@ def lora_model(dropout: float):
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
 def test_lora_under_gradient_checkpointing_equals_naive():
     """LoRA, train mode, activation checkpointing: transformers would drop the caches; the chunked step switches the
-    layers' checkpointing off for its passes (and back on), checkpoints the prefix pass as a whole, and is exact."""
+    layers' checkpointing off for its passes (and back on) and is exact."""
     model = lora_model(dropout=0.0)
     batch = random_batch(2, 3, seed=5)
     M_ref = naive_matrix(model, batch)

@@ -5,7 +5,7 @@ SAMI's InfoNCE L needs all of M [B, N, N] before any gradient, but dL/dM has onl
 max_pairs_per_pass, no pass with autograd holds more than k rows: the B N prompt rows are cut into groups of at most
 k consecutive rows, and the pair rows r = (b * N + i) * N + j of each group's prompts into chunks of at most k rows.
 
-    1. without autograd, per group: the prefix pass (pairs._prefix_pass) -> every layer's keys and values and the last
+    1. without autograd, per group: the prefix pass (groups._prefix_pass) -> every layer's keys and values and the last
        prompt state, copied into leaf tensors that require grad ("leaves"), the RNG state before it kept;
     2. without autograd, per chunk: the response pass on the chunk's rows of the leaves -> M[chunk], the RNG state
        before it kept; then L = InfoNCE(M) and G = loss_scale * dL/dM;
@@ -47,16 +47,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..kernels.ops.infonce import infonce_loss
+from .groups import _prefix_pass, _response_states, _scored_tokens, check_attn_implementation
 from .head import decoder_and_head, head_sequence_logprobs
-from .pairs import (
-    PairBatch,
-    _check_lengths,
-    _pair_rows,
-    _prefix_pass,
-    _response_states,
-    _scored_tokens,
-    check_attn_implementation,
-)
+from .pairs import PairBatch, _check_lengths, _pair_rows
 
 
 @dataclass
@@ -117,7 +110,7 @@ def cached_step(
             f"max_pairs_per_pass chunks the KV-cache path: attn must be 'auto' or 'cache', got {attn!r} "
             "(or max_pairs_per_pass=None for one pass)"
         )
-    check_attn_implementation(model)  # the cache path runs under every known one (pairs.py)
+    check_attn_implementation(model)  # the cache path runs under every known one (groups.py)
     decoder, head, temperature = decoder_and_head(model)
     _check_lengths(batch, model)
     device = next(model.parameters()).device

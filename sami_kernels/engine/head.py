@@ -3,6 +3,8 @@ turns hidden states into log-probs (pair engine, packed scoring)."""
 
 from __future__ import annotations
 
+import torch
+
 from ..kernels.ops.sequence import sequence_logprobs
 
 
@@ -37,3 +39,37 @@ def head_sequence_logprobs(head, temperature, hidden, targets, seq_ids, num_seqs
         temperature=temperature,
         backend=backend,
     )
+
+
+# Per-token statistics of the next-token distribution p = softmax(z), z = head(h) / temperature, as TRL's fused LM
+# head defines them: entropy -sum p log p; mean_logits mean_v z_v; is_top1 1.0 when the target is the first argmax;
+# log_sum_sq_probs log sum_v p_v^2.
+TOKEN_STATS = ("entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+
+@torch.no_grad()
+def head_token_stats(head, temperature, hidden, targets, names, *, chunk_bytes: int = 32 << 20) -> dict:
+    """{name: float32 [T]} for each name in names (TOKEN_STATS) of hidden [T, H] and targets [T], without gradient,
+    the [rows, V] logits formed chunk by chunk (at most chunk_bytes of float32 at a time)."""
+    if not names:
+        return {}
+    weight, bias = head.weight, getattr(head, "bias", None)
+    rows = max(1, chunk_bytes // (4 * weight.shape[0]))
+    out = {name: [] for name in names}
+    for start in range(0, hidden.shape[0], rows):
+        z = hidden[start : start + rows].to(weight.dtype) @ weight.T
+        z = ((z + bias) if bias is not None else z).float() / temperature
+        logp = torch.log_softmax(z, dim=-1)
+        for name in names:
+            out[name].append(_token_stat(name, z, logp, targets[start : start + rows]))
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def _token_stat(name: str, z: torch.Tensor, logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if name == "entropy":
+        return -(logp.exp() * logp).sum(-1)
+    if name == "mean_logits":
+        return z.mean(-1)
+    if name == "is_top1":
+        return (z.argmax(-1) == target).float()
+    return torch.logsumexp(2 * logp, dim=-1)  # log_sum_sq_probs

@@ -35,12 +35,12 @@ with a trainable weight); per scored token, the head through the fused kernels (
 hidden state, target and log-sum-exp (bh + 12) or, with a frozen head, d logp / d hidden (4h), plus the engine's
 gather index (8).
 
-Micro-batches. SAMI's pair engine (engine/pairs.py), B = training.micro_batch_queries queries per rank, N
+Micro-batches. SAMI's pair engine (engine/pairs.py, groups.py), B = training.micro_batch_queries queries per rank, N
 constitutions, prompts of P tokens, responses of R tokens:
     cache path   prefix pass of B N P tokens (keys: B N P, mask B N P^2), response pass of B N^2 R tokens whose
                  rows each hold their prefix's K/V (keys: B N^2 (P + R), mask B N^2 R (P + R)): the repeated prefix
                  KV cache is B N^2 P key positions per layer
-    tree path    one packed row per query of N P + N^2 R tokens, every K/V once, a dense tree mask per row
+    tree path    one packed row per prompt of P + N R tokens, every K/V once, a dense tree mask per row
 SELF-ALIGN's SFT: one packed row of pack_tokens tokens (block-diagonal mask); every token counted as scored.
 Gradient checkpointing (HF, per decoder layer): each layer keeps its input (bh per token), and the backward
 recomputes one layer at a time (one layer's a, K/V and mask on top). The pair engine's attn="auto" takes the tree
@@ -201,9 +201,9 @@ def pair_workload(B: int, N: int, P: int, R: int, path: str) -> Workload:
         keys, mask = B * N * P + B * N * N * (P + R), B * N * P * P + B * N * N * R * (P + R)
         note = f"cache path: {split}; the prefix KV cache repeated per response: B N^2 P = {B * N * N * P:,} keys"
     else:
-        row = N * P + N * N * R
-        keys, mask = B * row, B * row * row
-        note = f"tree path: {split}, in {B} packed row(s) of N P + N^2 R = {row:,} tokens with a tree mask"
+        row = P + N * R
+        keys, mask = B * N * row, B * N * row * row
+        note = f"tree path: {split}, in B N = {B * N} packed row(s) of P + N R = {row:,} tokens with a tree mask"
     return Workload(prefix + response, response, keys, mask, note)
 
 
@@ -279,7 +279,7 @@ def plan_states(shape: ModelShape, ch: Choices, distributed: str, b: int, world:
 
 
 def attention_path(attn: str, checkpointing: bool) -> str:
-    """The pair engine's path for training.attn (engine/pairs.py); "refused" for cache under checkpointing."""
+    """The pair engine's path for training.attn (engine/groups.py); "refused" for cache under checkpointing."""
     if attn == "cache":
         return "refused" if checkpointing else "cache"
     return "tree" if attn == "tree" or checkpointing else "cache"

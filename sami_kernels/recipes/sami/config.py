@@ -145,7 +145,9 @@ class TrainingSection:
     gradient_checkpointing: bool = False
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun (training.py)
     timeout_minutes: int = 120  # of every collective (a process waiting for the others gives up after it)
-    max_pairs_per_pass: int | None = None  # gradient caching over chunks of this many pairs (engine/gradcache.py)
+    max_pairs_per_pass: int | None = (
+        None  # gradient caching: passes of at most this many prompts or pairs (gradcache.py)
+    )
 
 
 @dataclass

@@ -106,7 +106,7 @@ def one_graph_reference(model, batch, k, *, direction, loss_scale):
         for s in range(N * rows.start, N * rows.stop, k):
             chunk = slice(s, min(s + k, N * rows.stop))
             states, targets = _response_states(decoder, *prefix.rows(owner[chunk] - rows.start), pairs[chunk], "cpu")
-            hidden, targets, seq_ids = _scored_tokens(states, targets, pairs[chunk])
+            hidden, targets, seq_ids, _ = _scored_tokens(states, targets, pairs[chunk])
             values.append(
                 head_sequence_logprobs(head, temperature, hidden, targets, seq_ids, len(pairs[chunk]), reduction="mean")
             )

@@ -128,7 +128,7 @@ def cached_step(
         """M's entries of pair rows `rows` (of group g): the response pass on their prefixes, the fused head."""
         select = owner[rows] - groups[g].start
         states, targets = _response_states(decoder, *prefix.rows(select), pairs[rows], device)
-        hidden, targets, seq_ids = _scored_tokens(states, targets, pairs[rows])
+        hidden, targets, seq_ids, _ = _scored_tokens(states, targets, pairs[rows])
         return head_sequence_logprobs(
             head, temperature, hidden, targets, seq_ids, len(pairs[rows]), reduction="mean", backend=backend
         )

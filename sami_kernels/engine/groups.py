@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import backends
-from ..kernels.ops.linear_logprobs import linear_logprobs
 from ..kernels.ops.sequence import segment_sums
-from .head import TOKEN_STATS, decoder_and_head, head_token_stats
+from .head import TOKEN_STATS, decoder_and_head, head_token_logprobs, head_token_stats
 
 
 @dataclass
@@ -81,19 +80,8 @@ def group_logprobs(
     decoder, head, scale = decoder_and_head(model)
     device = next(model.parameters()).device
     states, targets = completion_states(model, decoder, prompts, flat, owner.to(device), attn, prefix_sharing)
-    hidden, targets, seq_ids = _scored_tokens(states, targets, flat)
-    logp = linear_logprobs(
-        hidden.to(head.weight.dtype),
-        head.weight,
-        targets,
-        bias=getattr(head, "bias", None),
-        temperature=scale * temperature,
-        backend=backend,
-    )
-    mask = (
-        torch.arange(states.shape[1], device=device)[None, :]
-        < torch.tensor([len(c) for c in flat], device=device)[:, None]
-    )
+    hidden, targets, seq_ids, mask = _scored_tokens(states, targets, flat)
+    logp = head_token_logprobs(head, scale * temperature, hidden, targets, backend=backend)
     tokens = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
     sums, counts = segment_sums(logp, seq_ids, len(flat), backend=backends.resolve(device, backend))
     per_token = head_token_stats(head, scale * temperature, hidden, targets, stats)
@@ -278,11 +266,11 @@ def _full_states(decoder, prompts, completions, owner, device):
 
 def _scored_tokens(states, targets, completions):
     """Completion rows (states [rows, C, H], targets [rows, C]) -> (hidden [T, H], targets [T], seq_ids [T]) of the
-    scored tokens, seq id = the row."""
+    scored tokens, seq id = the row, and their mask [rows, C]."""
     lengths = torch.tensor([len(c) for c in completions], device=states.device)
     valid = torch.arange(states.shape[1], device=states.device)[None, :] < lengths[:, None]
     seq_ids = torch.arange(len(completions), device=states.device)[:, None].expand_as(valid)
-    return states[valid], targets[valid], seq_ids[valid]
+    return states[valid], targets[valid], seq_ids[valid], valid
 
 
 def _tree_states(decoder, prompts, completions, owner, attn_implementation: str, device):

@@ -1,10 +1,11 @@
 """A causal LM's final hidden states through its own output head, by the fused kernels: the one place the engine
-turns hidden states into log-probs (pair engine, packed scoring)."""
+turns hidden states into log-probs (grouped completions, pair engine, packed scoring)."""
 
 from __future__ import annotations
 
 import torch
 
+from ..kernels.ops.linear_logprobs import linear_logprobs
 from ..kernels.ops.sequence import sequence_logprobs
 
 
@@ -38,6 +39,14 @@ def head_sequence_logprobs(head, temperature, hidden, targets, seq_ids, num_seqs
         bias=getattr(head, "bias", None),
         temperature=temperature,
         backend=backend,
+    )
+
+
+def head_token_logprobs(head, temperature, hidden, targets, *, backend="auto"):
+    """linear_logprobs of final hidden states [T, H] through a causal LM's output head: per-token log p(target) [T]."""
+    bias = getattr(head, "bias", None)
+    return linear_logprobs(
+        hidden.to(head.weight.dtype), head.weight, targets, bias=bias, temperature=temperature, backend=backend
     )
 
 
